@@ -1,0 +1,32 @@
+# vmigrate: two commands on a fresh Debian 12 machine (as root):
+#   make demo   install what is needed, then run the demo in the lab
+#   make test   install what the tests need, then run the whole suite
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup setup-dev lint unit e2e clean
+
+setup:
+	bash scripts/setup.sh
+
+setup-dev:
+	bash scripts/setup.sh --dev
+
+demo: setup
+	$(VENV)/bin/vmigrate demo
+
+lint: setup-dev
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+unit: setup-dev
+	$(PY) -m pytest -q tests/unit
+
+e2e: setup-dev
+	$(PY) -m pytest -q tests/e2e
+
+test: lint
+	$(PY) -m pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build src/*.egg-info

@@ -1,0 +1,1 @@
+"""The ``vmigrate`` command line: parse, call a service, render."""

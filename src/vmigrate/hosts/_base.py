@@ -1,0 +1,103 @@
+"""The transport-neutral host interface."""
+
+from __future__ import annotations
+
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from vmigrate.errors import CommandError
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a finished command left behind."""
+
+    argv: tuple[str, ...]
+    status: int
+    stdout: str
+    stderr: str
+
+
+class Host(ABC):
+    """A machine commands can be run on.
+
+    Methods raise :class:`~vmigrate.errors.HostUnreachableError` when the host
+    cannot be reached and :class:`~vmigrate.errors.CommandError` when a command
+    run with ``check=True`` fails. After either, the host object stays usable.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    async def _exec(
+        self, argv: Sequence[str], stdin: bytes | None, timeout: float | None
+    ) -> tuple[int, bytes, bytes]:
+        """Run ``argv``; return (status, stdout, stderr)."""
+
+    @abstractmethod
+    def unix_socket(self, remote_path: str) -> AbstractAsyncContextManager[str]:
+        """A local path that connects to the unix socket ``remote_path`` on the host."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection, if any."""
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        stdin: bytes | None = None,
+        timeout: float | None = 120.0,
+    ) -> CommandResult:
+        status, out, err = await self._exec(list(argv), stdin, timeout)
+        result = CommandResult(
+            tuple(argv),
+            status,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
+        )
+        if check and status != 0:
+            raise CommandError(self.name, argv, status, result.stderr or result.stdout)
+        return result
+
+    async def sh(self, script: str, *, check: bool = True, timeout: float | None = 120.0
+                 ) -> CommandResult:
+        """Run a POSIX shell snippet."""
+        return await self.run(["sh", "-c", script], check=check, timeout=timeout)
+
+    async def read_file(self, path: str) -> bytes:
+        status, out, err = await self._exec(["cat", "--", path], None, 60.0)
+        if status != 0:
+            raise CommandError(self.name, ["cat", path], status, err.decode(errors="replace"))
+        return out
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        q = shlex.quote(path)
+        script = f"cat > {q}.tmp && mv -f {q}.tmp {q}"
+        status, _out, err = await self._exec(["sh", "-c", script], data, 60.0)
+        if status != 0:
+            raise CommandError(self.name, ["write", path], status, err.decode(errors="replace"))
+
+    async def exists(self, path: str) -> bool:
+        status, _out, _err = await self._exec(["test", "-e", path], None, 30.0)
+        return status == 0
+
+    async def missing(self, paths: Sequence[str]) -> list[str]:
+        """Which of ``paths`` do not exist on the host (one round trip)."""
+        if not paths:
+            return []
+        script = 'for p in "$@"; do [ -e "$p" ] || printf "%s\\n" "$p"; done'
+        res = await self.run(["sh", "-c", script, "sh", *paths])
+        return [line for line in res.stdout.splitlines() if line]
+
+    async def __aenter__(self) -> Host:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+

@@ -1,0 +1,47 @@
+"""The controller's own machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from vmigrate.errors import HostError
+from vmigrate.hosts._base import Host
+
+
+class LocalHost(Host):
+    """Runs commands as subprocesses of the controller."""
+
+    async def _exec(
+        self, argv: Sequence[str], stdin: bytes | None, timeout: float | None
+    ) -> tuple[int, bytes, bytes]:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            return 127, b"", f"{argv[0]}: command not found".encode()
+        except OSError as exc:
+            raise HostError(f"{self.name}: cannot run {argv[0]}: {exc}") from exc
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return 124, b"", f"{argv[0]}: timed out after {timeout}s".encode()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out, err
+
+    @asynccontextmanager
+    async def unix_socket(self, remote_path: str) -> AsyncIterator[str]:
+        yield remote_path

@@ -1,0 +1,1 @@
+"""QEMU: VM spec to command line, process lifecycle on a host, typed QMP session."""

@@ -1,0 +1,80 @@
+"""A typed QMP session on a VM's monitor socket, through any :class:`Host`.
+
+Errors from qemu.qmp are translated here: a failed command raises
+:class:`~vmigrate.errors.QmpError` carrying QEMU's error class; a monitor that
+cannot be reached or goes away raises ``QmpError`` with ``error_class=None``.
+After either, the session is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from vmigrate.errors import QmpError
+from vmigrate.hosts import Host
+
+
+class QmpSession:
+    """One connected QMP client."""
+
+    def __init__(self, client: QMPClient, vm: str) -> None:
+        self._client = client
+        self.vm = vm
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command and return its ``return`` value."""
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise QmpError(f"{self.vm}: {command} failed: {exc}", exc.error_class) from exc
+        except (QMPError, EOFError, OSError) as exc:
+            raise QmpError(f"{self.vm}: monitor lost during {command}: {exc!r}") from exc
+
+    async def execute_raw(self, message: Mapping[str, object]) -> dict[str, Any]:
+        """Send a raw QMP message ``{"execute": ..., "arguments": ...}``; return the whole
+        reply (``{"return": ...}`` or ``{"error": ...}``) as QEMU sent it."""
+        command = message.get("execute")
+        if not isinstance(command, str):
+            raise QmpError("a QMP command needs an 'execute' string", "GenericError")
+        args = message.get("arguments")
+        if args is not None and not isinstance(args, dict):
+            raise QmpError("'arguments' must be a JSON object", "GenericError")
+        try:
+            ret = await self._client.execute(command, args)
+        except ExecuteError as exc:
+            return {"error": {"class": exc.error_class, "desc": str(exc)}}
+        except (QMPError, EOFError, OSError) as exc:
+            raise QmpError(f"{self.vm}: monitor lost during {command}: {exc!r}") from exc
+        return {"return": ret}
+
+    async def query_status(self) -> str:
+        """The VM's run state (``running``, ``paused``, ``inmigrate``, ...)."""
+        ret = await self.execute("query-status")
+        return str(ret["status"])
+
+
+@asynccontextmanager
+async def qmp_session(
+    host: Host, socket_path: str, *, vm: str = "vm", timeout: float = 10.0
+) -> AsyncIterator[QmpSession]:
+    """Connect to the QMP socket ``socket_path`` on ``host``."""
+    async with host.unix_socket(socket_path) as local:
+        client = QMPClient(vm)
+        try:
+            await asyncio.wait_for(client.connect(local), timeout)
+        except (ConnectError, QMPError, OSError, TimeoutError) as exc:
+            raise QmpError(f"{vm}: cannot connect to the QMP monitor on {host.name}: {exc}"
+                           ) from exc
+        try:
+            yield QmpSession(client, vm)
+        finally:
+            # a monitor that hung up (QEMU quit) makes disconnect() re-raise; that is
+            # not an error of the session's work
+            with contextlib.suppress(QMPError, EOFError, OSError):
+                await client.disconnect()

@@ -1,0 +1,289 @@
+"""Define, start, stop, inspect and remove VMs on inventory hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from vmigrate.config import HostConfig, Inventory
+from vmigrate.errors import HostError, SpecError, StateError
+from vmigrate.hosts import Host, open_host
+from vmigrate.lab.image import image_paths, kernel_cmdline, parse_workload
+from vmigrate.qemu import process
+from vmigrate.qemu.process import VmState
+from vmigrate.qemu.qmp import qmp_session
+from vmigrate.qemu.spec import (
+    DiskSpec,
+    KernelBoot,
+    NicSpec,
+    VMSpec,
+    build_spec,
+    mac_for,
+    parse_disk,
+    parse_memory,
+)
+from vmigrate.store import Store, VmRecord
+
+FIRST_GUEST_HOST = 100
+
+
+@dataclass
+class CreateRequest:
+    """What ``vmigrate vm create`` was asked for, before validation."""
+
+    name: str
+    host: str
+    memory: str = "256M"
+    vcpus: int = 1
+    disks: list[str] = field(default_factory=list)
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    workload: str | None = None
+    ip: str | None = None
+    nic: bool = True
+    start: bool = True
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as ``vm show`` / ``vm list`` report it."""
+
+    name: str
+    host: str
+    state: VmState
+    pid: int | None
+    spec: VMSpec
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "state": self.state.value,
+            "pid": self.pid,
+            "ip": self.spec.ip,
+            "workload": self.spec.workload,
+            "spec": self.spec.model_dump(mode="json"),
+        }
+
+
+def _abspath(path: str) -> str:
+    return path if os.path.isabs(path) else os.path.abspath(path)
+
+
+class VmService:
+    """VM operations over the inventory's hosts. Use as ``async with``: host sessions
+    are opened on demand and closed on exit."""
+
+    def __init__(self, inventory: Inventory, store: Store) -> None:
+        self.inventory = inventory
+        self.store = store
+        self._hosts: dict[str, Host] = {}
+
+    async def __aenter__(self) -> VmService:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for host in self._hosts.values():
+            await host.close()
+        self._hosts.clear()
+
+    def _host(self, name: str) -> tuple[Host, HostConfig]:
+        cfg = self.inventory.host(name)
+        if name not in self._hosts:
+            self._hosts[name] = open_host(cfg)
+        return self._hosts[name], cfg
+
+    def spec(self, record: VmRecord) -> VMSpec:
+        return VMSpec.model_validate_json(record.spec_json)
+
+    # -- create ------------------------------------------------------------------------
+
+    def build(self, req: CreateRequest) -> VMSpec:
+        """Validate a create request into a spec. Pure but for reading the image dir."""
+        host_cfg = self.inventory.host(req.host)
+        memory = parse_memory(req.memory)
+        disks: list[DiskSpec] = []
+        for text in req.disks:
+            disk = parse_disk(text)
+            disks.append(disk.model_copy(update={"path": _abspath(disk.path)}))
+        workload = parse_workload(req.workload) if req.workload else None
+        nics: list[NicSpec] = []
+        if req.nic and host_cfg.vm_bridge:
+            nics.append(NicSpec(bridge=host_cfg.vm_bridge, mac=mac_for(req.name)))
+        kernel: KernelBoot | None = None
+        ip: str | None = None
+        if workload is not None or (req.kernel is None and not disks):
+            if req.kernel is None:
+                img = image_paths()
+                req_kernel, req_initrd = str(img.kernel), str(img.initrd)
+            else:
+                req_kernel, req_initrd = req.kernel, req.initrd or ""
+            cidr = self._guest_address(req, bool(nics))
+            ip = cidr.split("/")[0] if cidr else None
+            gateway = self.inventory.lab.gateway if self.inventory.lab else None
+            append = kernel_cmdline(ip=cidr, gateway=gateway, workload=workload, extra=req.append)
+            kernel = KernelBoot(kernel=_abspath(req_kernel),
+                                initrd=_abspath(req_initrd) if req_initrd else None,
+                                append=append)
+        elif req.kernel is not None:
+            kernel = KernelBoot(kernel=_abspath(req.kernel),
+                                initrd=_abspath(req.initrd) if req.initrd else None,
+                                append=req.append)
+        elif req.initrd or req.append:
+            raise SpecError("--initrd and --append need --kernel")
+        return build_spec(
+            name=req.name,
+            vcpus=req.vcpus,
+            memory_mib=memory,
+            disks=tuple(disks),
+            nics=tuple(nics),
+            kernel=kernel,
+            workload=str(req.workload) if workload else None,
+            ip=ip,
+        )
+
+    def _guest_address(self, req: CreateRequest, has_nic: bool) -> str | None:
+        lab = self.inventory.lab
+        if req.ip is not None:
+            try:
+                iface = ipaddress.ip_interface(req.ip if "/" in req.ip else
+                                               f"{req.ip}/{self._prefix()}")
+            except ValueError as exc:
+                raise SpecError(f"invalid --ip {req.ip!r}: {exc}") from exc
+            return str(iface)
+        if lab is None or not has_nic:
+            return None
+        net = ipaddress.ip_network(lab.vm_network)
+        used = {self.spec(r).ip for r in self.store.list_vms()}
+        reserved = {lab.gateway}
+        for offset in range(FIRST_GUEST_HOST, net.num_addresses - 2):
+            addr = str(net.network_address + offset)
+            if addr not in used and addr not in reserved:
+                return f"{addr}/{net.prefixlen}"
+        raise StateError(f"no free guest address left in {lab.vm_network}")
+
+    def _prefix(self) -> int:
+        lab = self.inventory.lab
+        return ipaddress.ip_network(lab.vm_network).prefixlen if lab else 24
+
+    async def create(self, req: CreateRequest) -> VmInfo:
+        """Define the VM and (unless ``req.start`` is False) start it.
+
+        Every check runs before anything is stored or started; if QEMU then
+        fails to start, the definition is removed again and the error raised.
+        """
+        spec = self.build(req)
+        host, host_cfg = self._host(req.host)
+        needed = [d.path for d in spec.disks]
+        if spec.kernel is not None:
+            needed += [spec.kernel.kernel] + ([spec.kernel.initrd] if spec.kernel.initrd else [])
+        missing = await host.missing(needed)
+        if missing:
+            raise SpecError(f"not found on host {req.host}: {', '.join(missing)}")
+        self.store.add_vm(spec.name, req.host, spec.model_dump_json())
+        if not req.start:
+            return VmInfo(spec.name, req.host, VmState.STOPPED, None, spec)
+        try:
+            pid = await process.start_vm(host, host_cfg, spec)
+        except BaseException:
+            self.store.remove_vm(spec.name)
+            raise
+        return VmInfo(spec.name, req.host, VmState.RUNNING, pid, spec)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, name: str) -> VmInfo:
+        record = self.store.get_vm(name)
+        host, host_cfg = self._host(record.host)
+        spec = self.spec(record)
+        pid = await process.start_vm(host, host_cfg, spec)
+        return VmInfo(name, record.host, VmState.RUNNING, pid, spec)
+
+    async def stop(self, name: str, *, force: bool = False, timeout: float = 30.0) -> bool:
+        record = self.store.get_vm(name)
+        host, host_cfg = self._host(record.host)
+        return await process.stop_vm(host, host_cfg, self.spec(record), force=force,
+                                     timeout=timeout)
+
+    async def destroy(self, name: str) -> None:
+        """Stop the VM hard if it runs and forget it. Its disk images are kept."""
+        record = self.store.get_vm(name)
+        host, host_cfg = self._host(record.host)
+        await process.stop_vm(host, host_cfg, self.spec(record), force=True)
+        await process.remove_vm_dir(host, host_cfg, name)
+        self.store.remove_vm(name)
+
+    async def show(self, name: str) -> VmInfo:
+        record = self.store.get_vm(name)
+        return await self._info(record)
+
+    async def _info(self, record: VmRecord) -> VmInfo:
+        spec = self.spec(record)
+        try:
+            host, host_cfg = self._host(record.host)
+            paths = process.vm_paths(host_cfg, record.name)
+            pid = await process.vm_pid(host, paths)
+            state = await process.vm_state(host, host_cfg, record.name) if pid else (
+                VmState.STOPPED)
+        except HostError:  # an unreachable host must not hide the others
+            pid, state = None, VmState.UNKNOWN
+        return VmInfo(record.name, record.host, state, pid, spec)
+
+    async def list(self) -> list[VmInfo]:
+        return [await self._info(r) for r in self.store.list_vms()]
+
+    async def console(self, name: str, lines: int | None = None) -> str:
+        record = self.store.get_vm(name)
+        host, host_cfg = self._host(record.host)
+        return await process.read_console(host, host_cfg, name, lines)
+
+    async def qmp(self, name: str, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one raw QMP command; return QEMU's whole reply."""
+        record = self.store.get_vm(name)
+        host, host_cfg = self._host(record.host)
+        paths = process.vm_paths(host_cfg, name)
+        if await process.vm_pid(host, paths) is None:
+            raise StateError(f"VM {name} is not running")
+        async with qmp_session(host, paths.qmp, vm=name) as session:
+            return await session.execute_raw(message)
+
+
+async def wait_console(
+    svc: VmService, name: str, pattern: str, *, timeout: float = 120.0, interval: float = 1.0,
+    on_line: Callable[[str], None] | None = None,
+) -> re.Match[str]:
+    """Wait until the VM's console log holds a line matching ``pattern``.
+
+    ``on_line`` sees each new console line as it arrives. Raises
+    :class:`TimeoutError` after ``timeout`` seconds.
+    """
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while True:
+        text = await svc.console(name)
+        if len(text) < seen:  # log was truncated (VM restarted)
+            seen = 0
+        complete = text[seen : text.rfind("\n") + 1] if "\n" in text[seen:] else ""
+        seen += len(complete)
+        for line in complete.splitlines():
+            line = line.rstrip("\r")
+            if on_line is not None and line.strip():
+                on_line(line)
+            match = regex.search(line)
+            if match:
+                return match
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"VM {name}: no console line matching {pattern!r} "
+                               f"within {timeout:.0f}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,46 @@
+"""The SQLite store: VM records, version checks."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from vmigrate.errors import NotFoundError, StateError, StoreError
+from vmigrate.store import Store
+
+
+def test_vm_records(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.add_vm("a", "h1", '{"x": 1}')
+    with pytest.raises(StateError):
+        store.add_vm("a", "h2", "{}")
+    assert store.get_vm("a").host == "h1"
+    store.set_vm_host("a", "h2")
+    assert [r.host for r in store.list_vms()] == ["h2"]
+    store.remove_vm("a")
+    with pytest.raises(NotFoundError):
+        store.get_vm("a")
+    store.close()
+    assert Store(tmp_path / "db").list_vms() == []
+
+
+def test_rejects_unknown_version(tmp_path: Path) -> None:
+    Store(tmp_path / "db").close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("UPDATE meta SET value='99' WHERE key='version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError):
+        Store(tmp_path / "db")
+
+
+def test_rejects_foreign_db(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('magic', 'other')")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError):
+        Store(tmp_path / "db")
