@@ -22,6 +22,10 @@ from vmigrate.qemu.qmp import qmp_session
 from vmigrate.qemu.spec import VMSpec, tap_name
 
 
+#: sun_path holds 108 bytes including the terminating NUL
+MAX_SOCKET_PATH = 107
+
+
 class VmState(StrEnum):
     """What the controller can say about a VM on its host."""
 
@@ -86,6 +90,11 @@ async def start_vm(host: Host, host_cfg: HostConfig, spec: VMSpec) -> int:
     are removed and :class:`VmStartError` carries QEMU's own message.
     """
     paths = vm_paths(host_cfg, spec.name)
+    if len(paths.console_sock.encode()) > MAX_SOCKET_PATH:
+        raise SpecError(
+            f"socket path {paths.console_sock} is longer than {MAX_SOCKET_PATH} bytes, the "
+            "limit of a unix socket: use a shorter VM name or data_dir"
+        )
     needed = [d.path for d in spec.disks]
     if spec.kernel is not None:
         needed += [spec.kernel.kernel] + ([spec.kernel.initrd] if spec.kernel.initrd else [])

@@ -1,0 +1,1 @@
+"""The embedded lab: namespaced hosts, shaped links, guest image, probes."""
