@@ -71,11 +71,28 @@ def status(
     from vmigrate.lab.net import lab_status
 
     st = lab_status(state_home(), name)
-    data = dataclasses.asdict(st)
     if as_json:
+        data = dataclasses.asdict(st)
+        data["healthy"] = st.healthy
         print_json(data)
         return
-    out.print(data)
+    health = "[green]healthy[/]" if st.healthy else "[red]degraded[/]"
+    out.print(f"lab [bold]{st.name}[/] ({st.phase}, {health}): index {st.index}, "
+              f"links {st.link_rate}, VM network {st.vm_network}, "
+              f"probe {st.probe_netns} {st.probe_address}")
+    table = Table("host", "namespace", "sshd", "ssh address", "migration address",
+                  "link", "QEMU pids")
+    for h in st.hosts:
+        table.add_row(
+            h.host,
+            h.netns if h.netns_present else f"[red]{h.netns} missing[/]",
+            f"pid {h.sshd_pid}" if h.sshd_alive else "[red]down[/]",
+            h.mgmt_address,
+            h.migration_address,
+            f"{h.link_rate or '?'} {'up' if h.link_up else '[red]down[/]'}",
+            " ".join(map(str, h.qemu_pids)) or "-",
+        )
+    out.print(table)
 
 
 @app.command()

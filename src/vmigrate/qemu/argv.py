@@ -35,7 +35,10 @@ class VmPaths:
 
 
 def _opts(**kv: str | int | None) -> str:
-    return ",".join(f"{k.replace('_', '-')}={v}" for k, v in kv.items() if v is not None)
+    """``node_name="x", cache__direct="on"`` -> ``node-name=x,cache.direct=on``."""
+    return ",".join(
+        f"{k.replace('__', '.').replace('_', '-')}={v}" for k, v in kv.items() if v is not None
+    )
 
 
 def build_argv(
@@ -79,7 +82,7 @@ def build_argv(
             "-blockdev",
             _opts(
                 driver="file", node_name=f"{node}-file", filename=disk.path,
-                cache_direct="on" if disk.cache in {"none", "directsync"} else "off",
+                cache__direct="on" if disk.cache in {"none", "directsync"} else "off",
             ),
             "-blockdev",
             _opts(
