@@ -107,7 +107,9 @@ def build_argv(
         argv += [
             "-netdev", _opts(type="tap", id=f"net{i}", ifname=tap_name(spec.name, i),
                              script="no", downscript="no"),
-            "-device", _opts(driver=nic.model, netdev=f"net{i}", mac=nic.mac, id=f"net{i}-dev"),
+            "-device", _opts(driver=nic.model, netdev=f"net{i}", mac=nic.mac, id=f"net{i}-dev",
+                             # no network-boot ROM when the kernel is given: faster boot
+                             romfile="" if spec.kernel is not None else None),
         ]
     if spec.kernel is not None:
         argv += ["-kernel", spec.kernel.kernel]

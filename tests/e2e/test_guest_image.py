@@ -1,0 +1,177 @@
+"""End to end: build the lab guest image and boot it under QEMU (TCG).
+
+The image is built into the default image directory, so it is cached between
+runs.  Each test starts its own QEMU with ``subprocess.Popen`` and kills only
+that process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from vmigrate.lab.image import GuestImage, Workload, build_image, kernel_cmdline, parse_workload
+from vmigrate.lab.records import verify_diskwrite_records
+
+QEMU = "qemu-system-x86_64"
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which(QEMU) is None,
+        reason="needs root and qemu-system-x86_64",
+    ),
+]
+
+BOOT_TIMEOUT = 90.0
+
+
+@pytest.fixture(scope="module")
+def image() -> GuestImage:
+    return build_image()
+
+
+class Guest:
+    """A QEMU process booting the lab guest, with its serial console in a file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> re.Match[str]:
+        """Wait until the console shows a line matching ``pattern``; return the last match."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern, re.MULTILINE)
+        while True:
+            matches = list(regex.finditer(self.text()))
+            if matches:
+                return matches[-1]
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"QEMU exited ({self.proc.returncode}) before {pattern!r}:\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {pattern!r} on the console after {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.2)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+
+@contextmanager
+def boot(
+    image: GuestImage, tmp_path: Path, workload: Workload, extra: Sequence[str] = ()
+) -> Iterator[Guest]:
+    log = tmp_path / "console.log"
+    argv = [
+        QEMU,
+        "-accel", "tcg",
+        "-m", "256",
+        "-nographic",
+        "-monitor", "none",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", kernel_cmdline(workload=workload),
+        "-serial", f"file:{log}",
+        "-display", "none",
+        "-no-reboot",
+        *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield Guest(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_image_build_is_cached(image: GuestImage) -> None:
+    stamp = image.kernel.parent / "image.json"
+    before = (image.kernel.stat().st_mtime_ns, image.initrd.stat().st_mtime_ns)
+    again = build_image()
+    assert again == image
+    assert (again.kernel.stat().st_mtime_ns, again.initrd.stat().st_mtime_ns) == before
+    assert stamp.is_file()
+
+
+def test_memtouch_guest_boots_and_verifies_memory(image: GuestImage, tmp_path: Path) -> None:
+    workload = parse_workload("memtouch:wss=16M,rate=2000")
+    with boot(image, tmp_path, workload) as guest:
+        guest.wait_for(r"^VMIGRATE READY ip=none workload=memtouch\s*$")
+        guest.wait_for(r"^MEMCHECK pass=\d+ ok\s*$")
+        guest.wait_for(r"^VMIGRATE HEARTBEAT n=2\s*$", 30)
+        text = guest.text()
+    assert "MEMCHECK FAIL" not in text
+    assert "VMIGRATE WARN" not in text
+    assert "Kernel panic" not in text
+
+
+def test_diskwrite_guest_acknowledged_records_are_on_disk(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    disk = tmp_path / "data.raw"
+    with disk.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    workload = parse_workload("diskwrite:dev=/dev/vda,rate=50")
+    drive = ["-drive", f"file={disk},format=raw,if=virtio"]
+    with boot(image, tmp_path, workload, drive) as guest:
+        guest.wait_for(r"^VMIGRATE READY ip=none workload=diskwrite\s*$")
+        guest.wait_for(r"^DISKWRITE start dev=/dev/vda size=4096 ")
+        first = int(guest.wait_for(r"^DISKWRITE ack=(\d+)\s*$").group(1))
+        deadline = time.monotonic() + 30
+        last = first
+        while last <= first:
+            if time.monotonic() > deadline:
+                pytest.fail(f"DISKWRITE ack stuck at {first}:\n{guest.tail()}")
+            time.sleep(0.5)
+            last = int(guest.wait_for(r"^DISKWRITE ack=(\d+)\s*$").group(1))
+    # QEMU is dead now: everything the guest acknowledged must be on the disk.
+    assert "DISKWRITE error" not in guest.text()
+    assert verify_diskwrite_records(disk) >= last > first >= 1
+
+
+def test_memtouch_rate_is_accurate(tmp_path: Path) -> None:
+    """memtouch's pacing (run on the host): within 10% of the requested rate."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc")
+    src = tmp_path / "memtouch.c"
+    src.write_bytes(resources.files("vmigrate.lab").joinpath("guest", "memtouch.c").read_bytes())
+    exe = tmp_path / "memtouch"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)], check=True)
+    rate, pages = 4096, 1024  # wss=4M: four passes a second, one line a second
+    proc = subprocess.Popen([str(exe), "wss=4M", f"rate={rate}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("MEMTOUCH start")
+        points: list[tuple[float, int]] = []
+        while len(points) < 5:
+            line = proc.stdout.readline()
+            m = re.fullmatch(r"MEMCHECK pass=(\d+) ok\n", line)
+            assert m is not None, line
+            points.append((time.monotonic(), int(m.group(1))))
+    finally:
+        proc.kill()
+        proc.wait()
+    (t0, p0), (t1, p1) = points[0], points[-1]
+    measured = (p1 - p0) * pages / (t1 - t0)
+    assert abs(measured - rate) / rate < 0.10, measured
