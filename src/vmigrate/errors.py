@@ -19,6 +19,8 @@ and says whose fault it is through its class:
     ``QemuError`` -- QEMU failed.
         ``QmpError`` -- a QMP command failed or the monitor went away.
         ``VmStartError`` -- QEMU exited before it came up.
+        ``GuestTimeoutError`` -- the guest did not show the expected sign of life
+          (a console line) in time.
     ``LabError`` -- building or tearing down the lab failed.
     ``StoreError`` -- the state database is unreadable or of an unknown version.
 
@@ -103,6 +105,10 @@ class QmpError(QemuError):
 
 class VmStartError(QemuError):
     """QEMU exited before the VM came up."""
+
+
+class GuestTimeoutError(QemuError):
+    """The guest did not show the expected sign of life in time."""
 
 
 class LabError(VmigrateError):

@@ -17,7 +17,7 @@ from vmigrate.config import HOME_ENV, load_inventory
 from vmigrate.lab.image import build_image
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ping
-from vmigrate.service.vms import CreateRequest, VmService, wait_console
+from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 
 GUEST = "demo-guest"
@@ -26,6 +26,12 @@ WORKLOAD = "memtouch:wss=64M,rate=4000"
 
 def _step(msg: str) -> None:
     err.print(f"[bold cyan]==>[/] {msg}")
+
+
+def _console_line(line: str) -> None:
+    """Echo the guest's own lines (not the kernel's boot log)."""
+    if line.startswith(("VMIGRATE", "MEMCHECK", "DISKWRITE")):
+        err.print(f"   [dim]{line}[/]", markup=True, highlight=False)
 
 
 async def _guest(home: Path, summary: dict[str, Any]) -> None:
@@ -41,14 +47,13 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
         summary["vm"] = {"name": GUEST, "host": info.host, "ip": info.spec.ip,
                          "workload": WORKLOAD}
         _step("guest console (heartbeat and memory check):")
-        await wait_console(svc, GUEST, r"VMIGRATE READY", timeout=180,
-                           on_line=lambda line: err.print(f"   [dim]{line}[/]"))
+        console = ConsoleFollower(svc, GUEST)
+        await console.wait(r"VMIGRATE READY", timeout=180, on_line=_console_line)
         summary["vm"]["boot_seconds"] = round(time.monotonic() - t0, 1)
-        match = await wait_console(svc, GUEST, r"MEMCHECK pass=(\d+) (ok|FAIL)", timeout=120,
-                                   on_line=lambda line: err.print(f"   [dim]{line}[/]"))
+        match = await console.wait(r"MEMCHECK pass=(\d+) (ok|FAIL)", timeout=120,
+                                   on_line=_console_line)
         summary["vm"]["memcheck"] = match.group(0)
-        await wait_console(svc, GUEST, r"VMIGRATE HEARTBEAT", timeout=30,
-                           on_line=lambda line: err.print(f"   [dim]{line}[/]"))
+        await console.wait(r"VMIGRATE HEARTBEAT", timeout=30, on_line=_console_line)
         reply = await svc.qmp(GUEST, {"execute": "query-status"})
         summary["vm"]["qmp_status"] = reply.get("return", {}).get("status")
         if info.spec.ip:

@@ -21,7 +21,6 @@ from vmigrate.qemu.argv import VmPaths, build_argv
 from vmigrate.qemu.qmp import qmp_session
 from vmigrate.qemu.spec import VMSpec, tap_name
 
-
 #: sun_path holds 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
 

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from vmigrate.config import HostConfig, Inventory
-from vmigrate.errors import HostError, SpecError, StateError
+from vmigrate.errors import GuestTimeoutError, HostError, SpecError, StateError
 from vmigrate.hosts import Host, open_host
 from vmigrate.lab.image import image_paths, kernel_cmdline, parse_workload
 from vmigrate.qemu import process
@@ -258,32 +258,43 @@ class VmService:
             return await session.execute_raw(message)
 
 
-async def wait_console(
-    svc: VmService, name: str, pattern: str, *, timeout: float = 120.0, interval: float = 1.0,
-    on_line: Callable[[str], None] | None = None,
-) -> re.Match[str]:
-    """Wait until the VM's console log holds a line matching ``pattern``.
+class ConsoleFollower:
+    """Reads a VM's console log incrementally: each line is seen once, whole."""
 
-    ``on_line`` sees each new console line as it arrives. Raises
-    :class:`TimeoutError` after ``timeout`` seconds.
-    """
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    seen = 0
-    while True:
-        text = await svc.console(name)
-        if len(text) < seen:  # log was truncated (VM restarted)
-            seen = 0
-        complete = text[seen : text.rfind("\n") + 1] if "\n" in text[seen:] else ""
-        seen += len(complete)
-        for line in complete.splitlines():
-            line = line.rstrip("\r")
-            if on_line is not None and line.strip():
-                on_line(line)
-            match = regex.search(line)
-            if match:
-                return match
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"VM {name}: no console line matching {pattern!r} "
-                               f"within {timeout:.0f}s")
-        await asyncio.sleep(interval)
+    def __init__(self, svc: VmService, name: str) -> None:
+        self.svc = svc
+        self.name = name
+        self._seen = 0
+        self._pending: list[str] = []
+
+    async def _read(self) -> None:
+        text = await self.svc.console(self.name)
+        if len(text) < self._seen:  # the log was truncated (VM restarted)
+            self._seen = 0
+        end = text.rfind("\n") + 1
+        if end > self._seen:
+            complete = text[self._seen : end]
+            self._seen = end
+            self._pending += [line.rstrip("\r") for line in complete.splitlines()]
+
+    async def wait(
+        self, pattern: str, *, timeout: float = 120.0, interval: float = 1.0,
+        on_line: Callable[[str], None] | None = None,
+    ) -> re.Match[str]:
+        """Wait for a new line matching ``pattern``; ``on_line`` sees every new line.
+        Raises :class:`GuestTimeoutError` after ``timeout`` seconds."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._read()
+            while self._pending:
+                line = self._pending.pop(0)
+                if on_line is not None and line.strip():
+                    on_line(line)
+                match = regex.search(line)
+                if match:
+                    return match
+            if time.monotonic() >= deadline:
+                raise GuestTimeoutError(f"VM {self.name}: no console line matching {pattern!r} "
+                                   f"within {timeout:.0f}s")
+            await asyncio.sleep(interval)
