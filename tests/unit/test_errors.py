@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.errors import CommandError, HostUnreachableError, QmpError, UserError
+from vmigrate.errors import CommandError, HostError, HostUnreachableError, QmpError, UserError
 from vmigrate.hosts import LocalHost, SSHHost
 from vmigrate.qemu.qmp import qmp_session
 from vmigrate.testing.fakeqmp import HANGUP, Error, FakeQmpServer
@@ -77,3 +77,15 @@ def test_user_errors_exit_2() -> None:
 
     for cls in (ConfigError, SpecError, NotFoundError, StateError):
         assert issubclass(cls, UserError) and cls.exit_code == 2
+
+
+async def test_local_file_copy(tmp_path: Path) -> None:
+    host = LocalHost("ctl")
+    src = tmp_path / "a"
+    src.write_bytes(b"x" * 100_000)
+    await host.put_file(src, str(tmp_path / "b"))
+    await host.get_file(str(tmp_path / "b"), tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == src.read_bytes()
+    with pytest.raises(HostError):
+        await host.put_file(tmp_path / "absent", str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.part").exists()

@@ -112,3 +112,14 @@ def test_tap_and_mac_are_stable_and_short() -> None:
     assert len(tap_name("a-very-long-vm-name-indeed", 3)) <= 15
     assert tap_name("a", 0) != tap_name("b", 0)
     assert mac_for("a").startswith("52:54:00:")
+
+
+def test_parse_nic() -> None:
+    from vmigrate.qemu.spec import parse_nic
+
+    nic = parse_nic("br0,mac=52:54:00:AA:bb:cc,model=e1000", "vm", 0)
+    assert (nic.bridge, nic.mac, nic.model) == ("br0", "52:54:00:aa:bb:cc", "e1000")
+    assert parse_nic("br1", "vm", 1).mac == mac_for("vm", 1)
+    for bad in ("br0,mac=zz", "br0,speed=1", ",mac=52:54:00:00:00:01"):
+        with pytest.raises(SpecError):
+            parse_nic(bad, "vm", 0)

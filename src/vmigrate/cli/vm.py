@@ -59,7 +59,7 @@ def create(
     disk: Annotated[
         list[str] | None,
         typer.Option(
-            "--disk",
+            "--disk", metavar="PATH[,OPT=V]",
             help="Disk image on the host: PATH[,format=raw|qcow2][,bus=virtio|ide|scsi]"
             "[,cache=none|writeback]. Repeat for more disks; the first one boots.",
         ),
@@ -77,7 +77,16 @@ def create(
     ip: Annotated[
         str | None, typer.Option(help="Lab guests: address on the VM network (default: next free).")
     ] = None,
-    nic: Annotated[bool, typer.Option(help="Plug a NIC into the host's VM bridge.")] = True,
+    no_nic: Annotated[
+        bool, typer.Option("--no-nic", help="No NIC (default: one on the host's vm_bridge).")
+    ] = False,
+    nics: Annotated[
+        list[str] | None,
+        typer.Option("--nic", metavar="BRIDGE[,OPT=V]", help="NIC on a host bridge: BRIDGE[,mac=MAC][,model=e1000]. "
+                     "Repeat for more; replaces the default NIC."),
+    ] = None,
+    machine: Annotated[str, typer.Option(help="QEMU machine type (pc, q35, pc-i440fx-7.2 ...).")
+                       ] = "pc",
     start: Annotated[bool, typer.Option(help="Start the VM after defining it.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -90,8 +99,8 @@ def create(
     """
     req = CreateRequest(
         name=name, host=host, memory=memory, vcpus=vcpus, disks=list(disk or []),
-        kernel=kernel, initrd=initrd, append=append, workload=workload, ip=ip, nic=nic,
-        start=start,
+        kernel=kernel, initrd=initrd, append=append, workload=workload, ip=ip, nic=not no_nic,
+        nics=list(nics or []), machine=machine, start=start,
     )
 
     async def go() -> VmInfo:

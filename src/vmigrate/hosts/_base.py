@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmigrate.errors import CommandError
 
@@ -41,6 +42,15 @@ class Host(ABC):
     @abstractmethod
     def unix_socket(self, remote_path: str) -> AbstractAsyncContextManager[str]:
         """A local path that connects to the unix socket ``remote_path`` on the host."""
+
+    @abstractmethod
+    async def put_file(self, local: Path, remote: str) -> None:
+        """Copy the controller's file ``local`` to ``remote`` on the host (atomically
+        replaced: a failed copy leaves no partial file under ``remote``)."""
+
+    @abstractmethod
+    async def get_file(self, remote: str, local: Path) -> None:
+        """Copy ``remote`` on the host to the controller's file ``local``."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection, if any."""

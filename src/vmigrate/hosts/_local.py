@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from vmigrate.errors import HostError
 from vmigrate.hosts._base import Host
+
+
+def _copy(src: Path, dst: Path, host: str) -> None:
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise HostError(f"{host}: cannot copy {src} to {dst}: {exc}") from exc
 
 
 class LocalHost(Host):
@@ -41,6 +54,12 @@ class LocalHost(Host):
             raise
         assert proc.returncode is not None
         return proc.returncode, out, err
+
+    async def put_file(self, local: Path, remote: str) -> None:
+        await asyncio.to_thread(_copy, local, Path(remote), self.name)
+
+    async def get_file(self, remote: str, local: Path) -> None:
+        await asyncio.to_thread(_copy, Path(remote), local, self.name)
 
     @asynccontextmanager
     async def unix_socket(self, remote_path: str) -> AsyncIterator[str]:

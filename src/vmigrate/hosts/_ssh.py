@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncssh
 
-from vmigrate.errors import HostUnreachableError
+from vmigrate.errors import HostError, HostUnreachableError
 from vmigrate.hosts._base import Host
 
 
@@ -81,6 +81,28 @@ class SSHHost(Host):
         out = res.stdout if isinstance(res.stdout, bytes) else b""
         err = res.stderr if isinstance(res.stderr, bytes) else b""
         return status, out, err
+
+    async def put_file(self, local: Path, remote: str) -> None:
+        conn = await self._connection()
+        part = remote + ".part"
+        try:
+            async with conn.start_sftp_client() as sftp:
+                await sftp.put(str(local), part)
+                await sftp.posix_rename(part, remote)
+        except (OSError, asyncssh.Error) as exc:
+            await self.run(["rm", "-f", "--", part], check=False)
+            raise HostError(f"cannot copy {local} to {self.name}:{remote}: {exc}") from exc
+
+    async def get_file(self, remote: str, local: Path) -> None:
+        conn = await self._connection()
+        part = local.with_name(local.name + ".part")
+        try:
+            async with conn.start_sftp_client() as sftp:
+                await sftp.get(remote, str(part))
+            os.replace(part, local)
+        except (OSError, asyncssh.Error) as exc:
+            part.unlink(missing_ok=True)
+            raise HostError(f"cannot copy {self.name}:{remote} to {local}: {exc}") from exc
 
     @asynccontextmanager
     async def unix_socket(self, remote_path: str) -> AsyncIterator[str]:

@@ -137,6 +137,26 @@ def parse_disk(text: str) -> DiskSpec:
         raise SpecError(f"invalid disk {text!r}: {msg}") from exc
 
 
+def parse_nic(text: str, vm: str, index: int) -> NicSpec:
+    """``BRIDGE[,mac=MAC][,model=virtio-net-pci|e1000]`` -> :class:`NicSpec`."""
+    bridge, *opts = text.split(",")
+    fields: dict[str, object] = {"bridge": bridge, "mac": mac_for(vm, index)}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in {"mac", "model"}:
+            raise SpecError(
+                f"invalid NIC option {opt!r} in {text!r}: known options are mac=, model="
+            )
+        fields[key] = value
+    if not bridge:
+        raise SpecError(f"invalid NIC {text!r}: name the bridge first")
+    try:
+        return NicSpec.model_validate(fields)
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise SpecError(f"invalid NIC {text!r}: {msg}") from exc
+
+
 def mac_for(name: str, index: int = 0) -> str:
     """A stable locally-administered MAC in QEMU's 52:54:00 range for a VM's NIC."""
     digest = hashlib.sha256(f"{name}/{index}".encode()).digest()

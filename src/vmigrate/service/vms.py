@@ -28,6 +28,7 @@ from vmigrate.qemu.spec import (
     mac_for,
     parse_disk,
     parse_memory,
+    parse_nic,
 )
 from vmigrate.store import Store, VmRecord
 
@@ -49,6 +50,8 @@ class CreateRequest:
     workload: str | None = None
     ip: str | None = None
     nic: bool = True
+    nics: list[str] = field(default_factory=list)
+    machine: str = "pc"
     start: bool = True
 
 
@@ -117,8 +120,8 @@ class VmService:
             disk = parse_disk(text)
             disks.append(disk.model_copy(update={"path": _abspath(disk.path)}))
         workload = parse_workload(req.workload) if req.workload else None
-        nics: list[NicSpec] = []
-        if req.nic and host_cfg.vm_bridge:
+        nics: list[NicSpec] = [parse_nic(text, req.name, i) for i, text in enumerate(req.nics)]
+        if req.nic and not nics and host_cfg.vm_bridge:
             nics.append(NicSpec(bridge=host_cfg.vm_bridge, mac=mac_for(req.name)))
         kernel: KernelBoot | None = None
         ip: str | None = None
@@ -145,6 +148,7 @@ class VmService:
             name=req.name,
             vcpus=req.vcpus,
             memory_mib=memory,
+            machine=req.machine,
             disks=tuple(disks),
             nics=tuple(nics),
             kernel=kernel,
