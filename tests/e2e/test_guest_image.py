@@ -155,7 +155,9 @@ def test_memtouch_rate_is_accurate(tmp_path: Path) -> None:
     if shutil.which("gcc") is None:
         pytest.skip("needs gcc")
     src = tmp_path / "memtouch.c"
-    src.write_bytes(resources.files("vmigrate.lab").joinpath("guest", "memtouch.c").read_bytes())
+    guest = resources.files("vmigrate.lab").joinpath("guest")
+    src.write_bytes(guest.joinpath("memtouch.c").read_bytes())
+    (tmp_path / "common.h").write_bytes(guest.joinpath("common.h").read_bytes())
     exe = tmp_path / "memtouch"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)], check=True)
     rate, pages = 4096, 1024  # wss=4M: four passes a second, one line a second

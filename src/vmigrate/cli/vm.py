@@ -82,8 +82,11 @@ def create(
     ] = False,
     nics: Annotated[
         list[str] | None,
-        typer.Option("--nic", metavar="BRIDGE[,OPT=V]", help="NIC on a host bridge: BRIDGE[,mac=MAC][,model=e1000]. "
-                     "Repeat for more; replaces the default NIC."),
+        typer.Option(
+            "--nic", metavar="BRIDGE[,OPT=V]",
+            help="NIC on a host bridge: BRIDGE[,mac=MAC][,model=e1000]. "
+            "Repeat for more; replaces the default NIC.",
+        ),
     ] = None,
     machine: Annotated[str, typer.Option(help="QEMU machine type (pc, q35, pc-i440fx-7.2 ...).")
                        ] = "pc",

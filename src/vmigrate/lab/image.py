@@ -77,7 +77,7 @@ BUILD_FORMAT = 2
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
-GUEST_SOURCES = ("init", "memtouch.c", "diskwrite.c")
+GUEST_SOURCES = ("init", "common.h", "memtouch.c", "diskwrite.c")
 GUEST_PROGRAMS = ("memtouch", "diskwrite")
 #: The modules the guest needs; their dependencies are added from ``depends=``.
 ROOT_MODULES = ("virtio_pci", "virtio_net", "virtio_blk")
@@ -695,6 +695,7 @@ def _collect_modules(moddir: Path, roots: Sequence[str]) -> list[tuple[str, byte
 def _compile(tmp: Path, name: str) -> bytes:
     src = tmp / f"{name}.c"
     src.write_bytes(_guest_source(f"{name}.c"))
+    (tmp / "common.h").write_bytes(_guest_source("common.h"))
     out = tmp / name
     if shutil.which("gcc") is None:
         raise EnvironmentError_("gcc not found: install gcc and libc6-dev")

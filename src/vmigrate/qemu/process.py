@@ -81,6 +81,16 @@ async def _remove_taps(host: Host, spec: VMSpec) -> None:
         await host.sh(f"ip link del {tap_name(spec.name, i)} 2>/dev/null || true", check=False)
 
 
+async def check_files(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
+    """Raise :class:`SpecError` naming every disk or kernel file missing on the host."""
+    needed = [d.path for d in spec.disks]
+    if spec.kernel is not None:
+        needed += [spec.kernel.kernel] + ([spec.kernel.initrd] if spec.kernel.initrd else [])
+    missing = await host.missing(needed)
+    if missing:
+        raise SpecError(f"not found on host {host_cfg.name}: {', '.join(missing)}")
+
+
 async def start_vm(host: Host, host_cfg: HostConfig, spec: VMSpec) -> int:
     """Start ``spec`` daemonized on ``host``; return QEMU's PID.
 
@@ -94,12 +104,7 @@ async def start_vm(host: Host, host_cfg: HostConfig, spec: VMSpec) -> int:
             f"socket path {paths.console_sock} is longer than {MAX_SOCKET_PATH} bytes, the "
             "limit of a unix socket: use a shorter VM name or data_dir"
         )
-    needed = [d.path for d in spec.disks]
-    if spec.kernel is not None:
-        needed += [spec.kernel.kernel] + ([spec.kernel.initrd] if spec.kernel.initrd else [])
-    missing = await host.missing(needed)
-    if missing:
-        raise SpecError(f"not found on host {host_cfg.name}: {', '.join(missing)}")
+    await check_files(host, host_cfg, spec)
     if await vm_pid(host, paths) is not None:
         raise StateError(f"VM {spec.name} is already running on {host_cfg.name}")
     q = shlex.quote(paths.dir)

@@ -188,12 +188,7 @@ class VmService:
         """
         spec = self.build(req)
         host, host_cfg = self._host(req.host)
-        needed = [d.path for d in spec.disks]
-        if spec.kernel is not None:
-            needed += [spec.kernel.kernel] + ([spec.kernel.initrd] if spec.kernel.initrd else [])
-        missing = await host.missing(needed)
-        if missing:
-            raise SpecError(f"not found on host {req.host}: {', '.join(missing)}")
+        await process.check_files(host, host_cfg, spec)
         self.store.add_vm(spec.name, req.host, spec.model_dump_json())
         if not req.start:
             return VmInfo(spec.name, req.host, VmState.STOPPED, None, spec)
