@@ -26,7 +26,7 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,6 +57,13 @@ class HostConfig(_Model):
     pools: dict[str, Path] = Field(default_factory=dict)
     qemu_binary: str = "qemu-system-x86_64"
     accel: Literal["kvm", "tcg"] = "kvm"
+    #: x509 credentials for QEMU's TLS migration (ca-cert.pem, server-*.pem, client-*.pem);
+    #: default ``<data_dir>/tls``
+    tls_dir: Path | None = None
+
+    @property
+    def tls_path(self) -> Path:
+        return self.tls_dir if self.tls_dir is not None else self.data_dir / "tls"
 
     @field_validator("migration_address")
     @classmethod
@@ -81,6 +88,8 @@ class Inventory(_Model):
 
     hosts: dict[str, HostConfig] = Field(default_factory=dict)
     lab: LabConfig | None = None
+    #: user convergence policies, ``[policies.NAME]`` tables; validated by vmigrate.plan.policy
+    policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     path: Path | None = None
 
     def host(self, name: str) -> HostConfig:
@@ -149,6 +158,12 @@ def load_inventory(explicit: Path | None = None, *, required: bool = True) -> In
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -173,5 +188,10 @@ def dump_inventory(inv: Inventory) -> str:
             lines.append(f"[hosts.{name}.pools]")
             for pool, path in host.pools.items():
                 lines.append(f"{pool} = {_toml_value(path)}")
+        lines.append("")
+    for name, policy in inv.policies.items():
+        lines.append(f"[policies.{name}]")
+        for key, value in policy.items():
+            lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

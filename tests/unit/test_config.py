@@ -71,6 +71,8 @@ def test_round_trip() -> None:
         hosts={"h1": HostConfig(name="h1", address="10.240.1.11", key=Path("/l/id"),
                                 data_dir=Path("/l/h1"), migration_address="10.241.1.11",
                                 pools={"shared": Path("/l/shared")}, accel="tcg")},
+        policies={"slow": {"downtime_ms": 100, "timeout_s": 1.5,
+                           "steps": [{"after_stalls": 2, "action": "downtime", "value": 400}]}},
     )
     assert parse_inventory(dump_inventory(inv)) == inv
 
