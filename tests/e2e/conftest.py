@@ -62,6 +62,13 @@ class Lab:
             env=self.env(), capture_output=True, text=True, timeout=timeout, check=False,
         )
 
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        """Start ``vmigrate ARGS`` in the background; the caller stops it by its PID."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "vmigrate.cli.main", *args],
+            env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
     def cli_json(self, *args: str, timeout: float = 180) -> object:
         res = self.cli(*args, "--json", timeout=timeout)
         assert res.returncode == 0, res.stderr

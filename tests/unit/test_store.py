@@ -44,3 +44,36 @@ def test_rejects_foreign_db(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError):
         Store(tmp_path / "db")
+
+
+def test_jobs_lock_and_lifecycle(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    job = store.create_job("j1", "vm1", "live", "h1", "h2", {"policy": "balanced"}, pid=123)
+    assert job.active and job.phase == "begin" and job.options == {"policy": "balanced"}
+    with pytest.raises(StateError):  # the VM is locked while a job runs
+        store.create_job("j2", "vm1", "live", "h1", "h2", {})
+    store.set_phase("j1", "perform")
+    assert store.request_cancel("j").cancel_requested  # id prefixes work
+    store.end_job("j1", "cancelled", report={"status": "cancelled"}, error="by operator")
+    done = store.get_job("j1")
+    assert (done.status, done.phase, done.report) == ("cancelled", "perform",
+                                                      {"status": "cancelled"})
+    with pytest.raises(StateError):
+        store.request_cancel("j1")
+    store.create_job("j2", "vm1", "live", "h1", "h2", {})  # unlocked again
+    assert [j.id for j in store.list_jobs(active=True)] == ["j2"]
+    assert [j.id for j in store.list_jobs(vm="vm1")] == ["j1", "j2"]
+    with pytest.raises(NotFoundError):
+        store.get_job("zz")
+
+
+def test_upgrades_version_1(tmp_path: Path) -> None:
+    Store(tmp_path / "db").close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("DROP TABLE jobs")
+    db.execute("UPDATE meta SET value='1' WHERE key='version'")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "db")
+    store.create_job("j1", "vm", "live", "a", "b", {})
+    assert store.get_job("j1").active

@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 
 from vmigrate import __version__
-from vmigrate.cli import lab, vm
+from vmigrate.cli import audit, certs, lab, migrate, vm
 from vmigrate.cli._common import CTX, err
 from vmigrate.errors import VmigrateError
 
@@ -25,6 +25,10 @@ app = typer.Typer(
 )
 app.add_typer(vm.app, name="vm")
 app.add_typer(lab.app, name="lab")
+app.add_typer(migrate.job_app, name="job")
+app.add_typer(certs.app, name="certs")
+app.add_typer(audit.app, name="audit")
+app.command("migrate")(migrate.migrate)
 
 
 def _version(value: bool) -> None:

@@ -10,7 +10,9 @@ for every name and address)::
                      <n>-hIg 10.241.N.(10+I) ──veth── <n>-sIg in <n>-swg
                      brvm ── <n>-hIv ──veth── <n>-sIv in <n>-swv
 
-and writes the inventory ``<home>/vmigrate.toml`` with a ``[lab]`` section.
+and writes the inventory ``<home>/vmigrate.toml`` with a ``[lab]`` section, and
+each host's TLS migration credentials (from the lab CA in ``<lab dir>/pki``) into
+its ``tls_path``.
 Every resource is recorded in ``<home>/labs/<n>/state.json`` before it is
 created (:mod:`vmigrate.lab._state`); ``lab_down`` removes exactly those.
 
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmigrate import pki
 from vmigrate.config import (
     CONFIG_NAME,
     HostConfig,
@@ -346,6 +349,7 @@ class _Builder:
         self.say(f"migration links shaped to {self.state.link_rate} (tbf, both directions)")
         self.start_sshds()
         inventory = self.write_inventory()
+        self.make_tls_credentials(inventory)
         self.state.phase = "up"
         write_state(self.state_path, self.state)
         return inventory
@@ -450,6 +454,17 @@ class _Builder:
             self.say(f"sshd {hp.host} pid {pid} on {hp.mgmt_address}:22")
             lines.append(_sshd.known_hosts_line(hp.mgmt_address, f.host_key.with_suffix(".pub")))
         (self.dir / "known_hosts").write_text("\n".join(lines) + "\n")
+
+    def make_tls_credentials(self, inventory: Inventory) -> None:
+        """The lab CA in ``<lab dir>/pki``; each host's QEMU TLS credentials in its
+        ``tls_path``, naming its management and migration addresses."""
+        ca = self.dir / "pki"
+        pki.create_ca(ca, name=f"vmigrate lab {self.plan.name} CA")
+        for hp in self.plan.hosts:
+            files = pki.host_credentials(ca, hp.host, [hp.mgmt_address, hp.migration_address])
+            pki.write_local(inventory.host(hp.host).tls_path, files)
+            pki.record_issued(ca, hp.host, files)
+        self.say(f"TLS credentials from the lab CA {ca} in each host's tls dir")
 
     def write_inventory(self) -> Inventory:
         p = self.plan

@@ -91,8 +91,13 @@ async def check_files(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
         raise SpecError(f"not found on host {host_cfg.name}: {', '.join(missing)}")
 
 
-async def start_vm(host: Host, host_cfg: HostConfig, spec: VMSpec) -> int:
+async def start_vm(
+    host: Host, host_cfg: HostConfig, spec: VMSpec, *, incoming: str | None = None
+) -> int:
     """Start ``spec`` daemonized on ``host``; return QEMU's PID.
+
+    With ``incoming`` (e.g. ``"defer"``) QEMU waits for an incoming migration
+    instead of booting.
 
     Before anything is created, the disks and kernel files are checked to exist
     (:class:`SpecError` otherwise). If QEMU fails to start, its taps and sockets
@@ -110,7 +115,8 @@ async def start_vm(host: Host, host_cfg: HostConfig, spec: VMSpec) -> int:
     q = shlex.quote(paths.dir)
     await host.sh(f"mkdir -p {q} && rm -f {q}/qmp.sock {q}/console.sock {q}/qemu.pid {q}/qemu.log")
     await host.write_file(f"{paths.dir}/spec.json", spec.model_dump_json(indent=2).encode())
-    argv = build_argv(spec, paths, binary=host_cfg.qemu_binary, accel=host_cfg.accel)
+    argv = build_argv(spec, paths, binary=host_cfg.qemu_binary, accel=host_cfg.accel,
+                      incoming=incoming)
     try:
         await _setup_taps(host, host_cfg, spec)
         res = await host.run(argv, check=False, timeout=120)

@@ -1,5 +1,5 @@
 """Durable controller state in SQLite."""
 
-from vmigrate.store.db import Store, VmRecord
+from vmigrate.store.db import RUNNING, JobRecord, Store, VmRecord
 
-__all__ = ["Store", "VmRecord"]
+__all__ = ["RUNNING", "JobRecord", "Store", "VmRecord"]

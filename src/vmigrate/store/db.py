@@ -7,17 +7,21 @@ rather than guessed at. Every write is its own transaction.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmigrate.errors import NotFoundError, StateError, StoreError
 
 MAGIC = "vmigrate-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this code upgrades in place (each only adds tables)
+_UPGRADABLE = {"1"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -28,7 +32,58 @@ CREATE TABLE IF NOT EXISTS vms (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    source TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    status TEXT NOT NULL,
+    options TEXT NOT NULL,
+    report TEXT,
+    error TEXT,
+    controller_pid INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_vm ON jobs (vm, status);
 """
+
+#: job statuses; only RUNNING is active (it locks its VM)
+RUNNING = "running"
+JOB_STATUSES = (RUNNING, "completed", "failed", "cancelled", "needs-operator")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A migration job: which VM goes where, how far it got, what it reported."""
+
+    id: str
+    vm: str
+    mode: str
+    source: str
+    dest: str
+    phase: str
+    status: str
+    options: dict[str, Any]
+    report: dict[str, Any] | None
+    error: str | None
+    controller_pid: int | None
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+
+    @property
+    def active(self) -> bool:
+        return self.status == RUNNING
+
+
+_JOB_COLS = (
+    "id, vm, mode, source, dest, phase, status, options, report, error, controller_pid, "
+    "cancel_requested, created_at, updated_at"
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +119,9 @@ class Store:
             return
         if rows.get("magic") != MAGIC:
             raise StoreError(f"{self.path} is not a vmigrate state database")
+        if rows.get("version") in _UPGRADABLE:
+            self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(SCHEMA_VERSION),))
+            return
         if rows.get("version") != str(SCHEMA_VERSION):
             raise StoreError(
                 f"{self.path} has schema version {rows.get('version')}, this vmigrate knows "
@@ -123,3 +181,97 @@ class Store:
     @staticmethod
     def _record(row: tuple[str, str, str, float]) -> VmRecord:
         return VmRecord(*row)
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def create_job(
+        self, job_id: str, vm: str, mode: str, source: str, dest: str, options: dict[str, Any],
+        *, pid: int | None = None,
+    ) -> JobRecord:
+        """Record a new running job in phase ``begin``. The VM is locked: a second
+        active job for it raises :class:`StateError` and nothing is written."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE vm=? AND status=?", (vm, RUNNING)
+                             ).fetchone()
+            if row:
+                raise StateError(
+                    f"VM {vm!r} is locked by running job {row[0]} "
+                    "(see 'vmigrate job show', or 'vmigrate job recover' if its controller died)"
+                )
+            db.execute(
+                f"INSERT INTO jobs ({_JOB_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, vm, mode, source, dest, "begin", RUNNING, json.dumps(options), None,
+                 None, pid, 0, now, now),
+            )
+        return self.get_job(job_id)
+
+    def set_phase(self, job_id: str, phase: str) -> None:
+        """Write-ahead: called before the phase's first side effect."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET phase=?, updated_at=? WHERE id=?",
+                       (phase, time.time(), job_id))
+
+    def set_controller(self, job_id: str, pid: int | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET controller_pid=?, updated_at=? WHERE id=?",
+                       (pid, time.time(), job_id))
+
+    def end_job(self, job_id: str, status: str, *, report: dict[str, Any] | None = None,
+                error: str | None = None, phase: str | None = None) -> None:
+        if status not in JOB_STATUSES or status == RUNNING:
+            raise ValueError(f"not a final job status: {status}")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, report=?, error=?, phase=COALESCE(?, phase), "
+                "updated_at=? WHERE id=?",
+                (status, json.dumps(report) if report is not None else None, error, phase,
+                 time.time(), job_id),
+            )
+
+    def save_report(self, job_id: str, report: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET report=?, updated_at=? WHERE id=?",
+                       (json.dumps(report), time.time(), job_id))
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        job = self.get_job(job_id)
+        if not job.active:
+            raise StateError(f"job {job_id} is not running (status {job.status})")
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET cancel_requested=1, updated_at=? WHERE id=?",
+                       (time.time(), job.id))
+        return self.get_job(job.id)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        rows = self._db.execute(
+            f"SELECT {_JOB_COLS} FROM jobs WHERE id=? OR id LIKE ?", (job_id, f"{job_id}%")
+        ).fetchall()
+        if not rows:
+            raise NotFoundError(f"no job {job_id!r} (see 'vmigrate job list')")
+        if len(rows) > 1:
+            raise NotFoundError(f"job id prefix {job_id!r} is ambiguous")
+        return self._job(rows[0])
+
+    def list_jobs(self, *, vm: str | None = None, active: bool | None = None) -> list[JobRecord]:
+        sql = f"SELECT {_JOB_COLS} FROM jobs"
+        where, args = [], []
+        if vm is not None:
+            where.append("vm=?")
+            args.append(vm)
+        if active is not None:
+            where.append("status=?" if active else "status<>?")
+            args.append(RUNNING)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY created_at", args).fetchall()
+        return [self._job(r) for r in rows]
+
+    @staticmethod
+    def _job(row: tuple[Any, ...]) -> JobRecord:
+        (jid, vm, mode, source, dest, phase, status, options, report, error, pid, cancel,
+         created, updated) = row
+        return JobRecord(
+            jid, vm, mode, source, dest, phase, status, json.loads(options),
+            json.loads(report) if report else None, error, pid, bool(cancel), created, updated,
+        )

@@ -1,0 +1,260 @@
+"""``vmigrate migrate`` and ``vmigrate job ...``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vmigrate.audit.log import AuditLog
+from vmigrate.cli._common import CTX, err, out, print_json, run
+from vmigrate.config import state_home
+from vmigrate.errors import UserError
+from vmigrate.migration import live
+from vmigrate.migration.recover import Recovery, controller_alive, recover
+from vmigrate.plan.policy import (
+    MigrationOptions,
+    load_policies,
+    parse_bandwidth,
+    resolve_policy,
+)
+from vmigrate.store import JobRecord
+
+job_app = typer.Typer(help="List, inspect, cancel and recover migration jobs.",
+                      no_args_is_help=True)
+
+
+def _audit() -> AuditLog:
+    return AuditLog(state_home() / "audit.jsonl")
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+class _Display:
+    """Live progress on a terminal; one line per phase and policy step otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.live = enabled and err.is_terminal
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self._last = ""
+
+    def __enter__(self) -> _Display:
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.fields[phase]:<8}"),
+                BarColumn(),
+                TextColumn("{task.fields[moved]}"),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[dirty]}"),
+                TextColumn("it {task.fields[iteration]}"),
+                TimeElapsedColumn(),
+                TextColumn("[cyan]{task.fields[step]}"),
+                console=err,
+                transient=True,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("migrate", total=None, phase="begin", moved="",
+                                               rate="", dirty="", iteration="-", step="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+
+    def __call__(self, p: live.Progress) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None and self.task is not None:
+            fields: dict[str, Any] = {"phase": p.phase}
+            if p.sample is not None:
+                s = p.sample
+                total = s.transferred + s.remaining
+                fields.update(
+                    moved=f"{_mib(s.transferred)} sent, {_mib(s.remaining)} left",
+                    rate=f"{s.mbps:,.0f} Mbit/s",
+                    dirty=f"dirty {s.dirty_rate * s.page_size / 2**20:,.1f} MiB/s",
+                    iteration=str(s.iteration),
+                )
+                self.progress.update(self.task, total=total or None, completed=s.transferred)
+            if p.step or p.note:
+                fields["step"] = p.note or p.step
+            self.progress.update(self.task, **fields)
+            if p.note:
+                self.progress.console.print(f"  {p.note}")
+            return
+        line = p.note or (f"{p.phase}: {p.step}" if p.step else p.phase)
+        if line != self._last:
+            err.print(f"  {line}", highlight=False)
+            self._last = line
+
+
+def render_report(r: dict[str, Any]) -> None:
+    colour = {"completed": "green", "needs-operator": "yellow"}.get(r["status"], "red")
+    table = Table(title=f"migration {r['job']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", f"[{colour}]{r['status']}[/]" + (
+        f" ({r['error']})" if r.get("error") else ""))
+    table.add_row("vm", f"{r['vm']}: {r['source']} -> {r['dest']} ({r['mode']}, "
+                  f"{'TLS' if r['tls'] else 'no TLS'})")
+    table.add_row("policy", r.get("policy_description") or r["policy"])
+    for step in r.get("steps", []):
+        table.add_row("", f"t={step['t']}s it={step['iteration']}: {step['action']} "
+                      f"({step['detail']})")
+    table.add_row("total time", f"{r.get('total_time_s')} s")
+    table.add_row("downtime (QEMU)", f"{r.get('qemu_downtime_ms')} ms")
+    obs = r.get("observed_downtime_ms")
+    table.add_row("downtime (observed)", "-" if obs is None else f"{obs:.1f} ms (1 ms ping)")
+    table.add_row("transferred / RAM", f"{_mib(r.get('bytes_transferred'))} / "
+                  f"{_mib(r.get('ram_bytes'))}")
+    table.add_row("iterations", str(r.get("iterations")))
+    table.add_row("max throttle", f"{r.get('max_throttle_pct', 0)} %")
+    if r.get("postcopy"):
+        table.add_row("post-copy", f"{r.get('postcopy_time_s')} s, "
+                      f"{r.get('postcopy_recoveries', 0)} recoveries")
+    v = r.get("verification", {})
+    checks = ", ".join(f"{k}={val}" for k, val in v.items() if val is not None
+                       and k != "memcheck_line")
+    table.add_row("verification", checks or "-")
+    for e in r.get("cleanup_errors", []):
+        table.add_row("[red]cleanup error[/]", e)
+    out.print(table)
+
+
+def migrate(
+    name: Annotated[str, typer.Argument(help="VM to move.")],
+    to: Annotated[str, typer.Option("--to", help="Destination host (inventory name).")],
+    mode: Annotated[str, typer.Option(help="Migration mode. Now: live (shared storage).")
+                    ] = "live",
+    policy: Annotated[str, typer.Option(
+        help="Convergence policy: balanced, minimal-downtime, postcopy, suspend, or one "
+        "from [policies.NAME] in the inventory.")] = "balanced",
+    downtime_ms: Annotated[int | None, typer.Option(
+        help="Starting downtime limit in ms (overrides the policy's).")] = None,
+    bandwidth: Annotated[str | None, typer.Option(
+        help="Bandwidth cap, bytes/s (100M, 1G) or bits (800mbit).")] = None,
+    parallel: Annotated[int | None, typer.Option(
+        help="Parallel streams (multifd channels, >= 2). Not with post-copy.")] = None,
+    compress: Annotated[str | None, typer.Option(
+        help="zstd (with --parallel) or xbzrle (delta pages).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds before the policy's timeout action (abort or complete).")] = None,
+    tls: Annotated[bool, typer.Option(help="Encrypt the stream with the hosts' x509 "
+                                      "credentials. --no-tls is recorded in the report.")
+                   ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Move a running VM to another host and print the migration report.
+
+    Exit status 0 when the migration completed, 1 when it failed or was cancelled
+    (the source runs on and the destination is clean), 4 when it needs an operator.
+    """
+    if mode != "live":
+        raise UserError(f"mode {mode!r} is not available yet; use --mode live")
+    if compress not in (None, "zstd", "xbzrle"):
+        raise UserError(f"unknown --compress {compress!r}: use zstd or xbzrle")
+    inv = CTX.inventory()
+    pol = resolve_policy(policy, load_policies(inv.policies))
+    if timeout is not None:
+        pol = pol.model_copy(update={"timeout_s": timeout})
+    opts = MigrationOptions(
+        policy=pol, downtime_ms=downtime_ms,
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth else None,
+        parallel=parallel, compress=compress,  # type: ignore[arg-type]
+        tls=tls,
+    )
+    store = CTX.store()
+    with _Display(enabled=True) as display:
+        job = live.LiveMigration(inv, store, _audit(), name, to, opts, on_progress=display)
+        err.print(f"job {job.job_id}: {name} {job.report.source} -> {to} (live, "
+                  f"policy {pol.name})", highlight=False)
+        report = run(job.run())
+    data = report.model_dump(mode="json")
+    if as_json:
+        print_json(data)
+    else:
+        render_report(data)
+    if report.status != "completed":
+        raise typer.Exit(4 if report.status == "needs-operator" else 1)
+
+
+def _job_row(j: JobRecord) -> dict[str, Any]:
+    return {"id": j.id, "vm": j.vm, "mode": j.mode, "source": j.source, "dest": j.dest,
+            "phase": j.phase, "status": j.status, "error": j.error,
+            "controller_alive": controller_alive(j) if j.active else None}
+
+
+@job_app.command("list")
+def job_list(
+    active: Annotated[bool, typer.Option("--active", help="Only running jobs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List migration jobs, oldest first."""
+    jobs = CTX.store().list_jobs(active=True if active else None)
+    if as_json:
+        print_json([_job_row(j) for j in jobs])
+        return
+    table = Table("id", "vm", "mode", "route", "phase", "status", "error")
+    for j in jobs:
+        table.add_row(j.id, j.vm, j.mode, f"{j.source} -> {j.dest}", j.phase, j.status,
+                      (j.error or "")[:60])
+    out.print(table)
+
+
+@job_app.command("show")
+def job_show(
+    job_id: Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a job and its migration report."""
+    j = CTX.store().get_job(job_id)
+    if as_json:
+        print_json({**_job_row(j), "report": j.report})
+        return
+    if j.report:
+        render_report({**j.report, "status": j.status, "error": j.error})
+    else:
+        print_json(_job_row(j))
+
+
+@job_app.command("cancel")
+def job_cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).")],
+) -> None:
+    """Ask a running job to cancel. Before the switchover it rolls back: the source
+    runs on and the destination is cleaned."""
+    j = CTX.store().request_cancel(job_id)
+    out.print(f"cancel requested for job {j.id} ({j.vm}, phase {j.phase})")
+
+
+@job_app.command("recover")
+def job_recover(
+    job_id: Annotated[str | None, typer.Argument(
+        help="Job to recover (default: every running job whose controller died).")] = None,
+    force: Annotated[bool, typer.Option(help="Even if its controller seems alive.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Resolve jobs left behind by a controller that died, from their saved phase."""
+    store, inv, audit = CTX.store(), CTX.inventory(), _audit()
+    if job_id is not None:
+        jobs = [store.get_job(job_id)]
+    else:
+        jobs = [j for j in store.list_jobs(active=True) if not controller_alive(j)]
+
+    async def go() -> list[Recovery]:
+        return [await recover(inv, store, audit, j, force=force) for j in jobs]
+
+    done = run(go())
+    if as_json:
+        print_json([r.__dict__ for r in done])
+        return
+    if not done:
+        out.print("no abandoned jobs")
+    for r in done:
+        out.print(f"job {r.job} ({r.vm}, phase {r.phase}): {r.outcome}: {r.detail}")

@@ -1,0 +1,1 @@
+"""The migration phase protocol (begin, prepare, perform, finish, confirm), one module per mode."""

@@ -1,0 +1,620 @@
+"""Live migration: memory pre-copy (and post-copy) for VMs on storage both hosts see.
+
+The five phases of DESIGN.md, each written to the store before its first side
+effect and to the audit log:
+
+* begin (source): the VM runs, the destination answers, disks and kernel are
+  visible from it, TLS credentials exist on both hosts, the capability set is
+  possible for this QEMU; the job row locks the VM.
+* prepare (destination): QEMU ``-incoming defer`` with the same spec, TLS
+  server credentials, capabilities, ``migrate-incoming``.
+* perform (source): capabilities and parameters, ``migrate``, then a sampling
+  loop that feeds the convergence controller and applies its actions; stalls of
+  the migration link are detected here (QEMU notices them late or never).
+* finish (destination): the guest runs there (point of no return); the probe's
+  observed downtime and, for lab guests, the memory check after switchover.
+* confirm (source): stop the source QEMU and forget it; the VM now lives on the
+  destination.
+
+Before the point of no return, every failure runs the registered cleanups
+(``migrate_cancel``, resume the source if we paused it, kill the incoming VM)
+and leaves the source running and the destination clean. After it, the source
+is never resumed: failures become ``needs-operator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from vmigrate.audit.log import AuditLog
+from vmigrate.config import HostConfig, Inventory
+from vmigrate.errors import (
+    EnvironmentError_,
+    HostError,
+    QmpError,
+    StateError,
+    UserError,
+    VmigrateError,
+)
+from vmigrate.hosts import Host, open_host
+from vmigrate.lab.probe import DowntimeProbe
+from vmigrate.migration.report import MigrationReport
+from vmigrate.pki import QEMU_FILES
+from vmigrate.plan.policy import (
+    Abort,
+    ConvergenceController,
+    MigrationOptions,
+    MigrationSetup,
+    PauseGuest,
+    Sample,
+    SetParameters,
+    StartPostcopy,
+    describe,
+    plan_setup,
+)
+from vmigrate.qemu import process
+from vmigrate.qemu.qmp import QmpSession, qmp_session
+from vmigrate.qemu.spec import VMSpec
+from vmigrate.store import Store
+
+SAMPLE_INTERVAL = 0.5
+#: no byte moved for this long in pre-copy: the migration link is taken as broken
+LINK_STALL_S = 6.0
+#: in post-copy, no byte moved for this long while pages remain: pause and recover
+POSTCOPY_STALL_S = 3.0
+PORT_RANGE = (49152, 60999)
+#: how long to wait for the lab guest's first memory-check verdict on the destination
+MEMCHECK_WAIT_S = 60.0
+
+
+class MigrationFailed(VmigrateError):
+    """The migration did not complete; the report says where it stopped and why."""
+
+
+class Cancelled(VmigrateError):
+    """The operator cancelled the job."""
+
+
+class _Ambiguous(VmigrateError):
+    """The outcome of the switchover cannot be known: an operator must look."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the progress display shows after each sample."""
+
+    phase: str
+    sample: Sample | None = None
+    step: str | None = None
+    note: str | None = None
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def options_dict(opts: MigrationOptions) -> dict[str, Any]:
+    return {
+        "policy": opts.policy.name,
+        "downtime_ms": opts.downtime_ms,
+        "bandwidth": opts.bandwidth,
+        "parallel": opts.parallel,
+        "compress": opts.compress,
+        "tls": opts.tls,
+    }
+
+
+class LiveMigration:
+    """One live migration job. Create, then ``await run()``; it returns the report
+    for every outcome and raises only for errors found before the job was created
+    (a locked VM, an unknown host)."""
+
+    mode = "live"
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        store: Store,
+        audit: AuditLog,
+        vm: str,
+        dest: str,
+        opts: MigrationOptions,
+        *,
+        on_progress: ProgressFn | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.store = store
+        self.audit = audit
+        self.vm = vm
+        self.opts = opts
+        self.on_progress = on_progress or (lambda p: None)
+        record = store.get_vm(vm)
+        self.spec = VMSpec.model_validate_json(record.spec_json)
+        self.src_cfg: HostConfig = inventory.host(record.host)
+        self.dst_cfg: HostConfig = inventory.host(dest)
+        if record.host == dest:
+            raise UserError(f"VM {vm} already runs on {dest}")
+        self.job_id = job_id or new_job_id()
+        self.log = logging.getLogger(f"vmigrate.migration.{self.job_id}")
+        self.report = MigrationReport(
+            job=self.job_id, vm=vm, mode=self.mode, source=record.host, dest=dest,
+            policy=opts.policy.name, policy_description=describe(opts.policy),
+            options=options_dict(opts), tls=opts.tls,
+        )
+        self._cancel = asyncio.Event()
+        self._cleanups: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._pnr = False  # point of no return passed: the destination guest runs
+        self._paused_source = False
+        self._migrating = False
+        self._tls_id = f"vmigrate-tls-{self.job_id}"
+        self.src: Host = open_host(self.src_cfg)
+        self.dst: Host = open_host(self.dst_cfg)
+        self.src_qmp: QmpSession | None = None
+        self.dst_qmp: QmpSession | None = None
+        self.setup: MigrationSetup | None = None
+        self.uri = ""
+        self.probe: DowntimeProbe | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _phase(self, phase: str) -> None:
+        """Write-ahead: the phase is stored and audited before its side effects."""
+        self.report.phase = phase
+        self.store.set_phase(self.job_id, phase)
+        self.audit.append("phase", {"phase": phase, "vm": self.vm}, job=self.job_id)
+        self.log.info("phase %s", phase)
+        self.on_progress(Progress(phase))
+
+    def _decision(self, what: str, **data: Any) -> None:
+        self.audit.append("decision", {"decision": what, **data}, job=self.job_id)
+        self.log.info("decision %s %s", what, data)
+
+    def cancel(self) -> None:
+        """Ask the running job to cancel (from a signal handler or another task)."""
+        self._cancel.set()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set() or self.store.get_job(self.job_id).cancel_requested:
+            raise Cancelled("cancelled by the operator")
+
+    # -- the job -----------------------------------------------------------------------
+
+    async def run(self) -> MigrationReport:
+        self.store.create_job(self.job_id, self.vm, self.mode, self.report.source,
+                              self.report.dest, self.report.options, pid=os.getpid())
+        self.report.started_at = time.time()
+        t0 = time.monotonic()
+        self.audit.append("job", {"vm": self.vm, "mode": self.mode,
+                                  "source": self.report.source, "dest": self.report.dest,
+                                  "options": self.report.options}, job=self.job_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.cancel)
+        status, error = "completed", None
+        try:
+            async with AsyncExitStack() as stack:
+                # sessions close after the rollback below, which still needs them
+                stack.push_async_callback(self._close_hosts)
+                try:
+                    await self._run_phases(stack)
+                except asyncio.CancelledError:
+                    await self._rollback("the controller was interrupted")
+                    self.report.total_time_s = round(time.monotonic() - t0, 3)
+                    self._end("failed", "the controller was interrupted")
+                    raise
+                except _Ambiguous as exc:
+                    status, error = "needs-operator", str(exc)
+                except Exception as exc:
+                    if not isinstance(exc, VmigrateError):
+                        self.log.exception("unexpected error")
+                    reason = str(exc) or type(exc).__name__
+                    if self._pnr:
+                        status, error = "needs-operator", f"after the switchover: {reason}"
+                    else:
+                        await self._rollback(reason)
+                        status = "cancelled" if isinstance(exc, Cancelled) else "failed"
+                        error = reason
+                finally:
+                    with contextlib.suppress(Exception):
+                        await self._stop_probe()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+        self.report.total_time_s = round(time.monotonic() - t0, 3)
+        self._end(status, error)
+        return self.report
+
+    def _end(self, status: str, error: str | None) -> None:
+        self.report.status = status  # type: ignore[assignment]
+        self.report.error = error
+        data = self.report.model_dump(mode="json")
+        self.store.end_job(self.job_id, status, report=data, error=error)
+        self.audit.append("end", {"status": status, "error": error,
+                                  "observed_downtime_ms": self.report.observed_downtime_ms,
+                                  "qemu_downtime_ms": self.report.qemu_downtime_ms},
+                          job=self.job_id)
+
+    async def _close_hosts(self) -> None:
+        for host in (self.src, self.dst):
+            with contextlib.suppress(Exception):
+                await host.close()
+
+    async def _run_phases(self, stack: AsyncExitStack) -> None:
+        await self._begin()
+        self._check_cancel()
+        self.dst_qmp = await stack.enter_async_context(self._prepare())
+        self._check_cancel()
+        self.src_qmp = await stack.enter_async_context(
+            qmp_session(self.src, process.vm_paths(self.src_cfg, self.vm).qmp, vm=self.vm))
+        await self._perform()
+        await self._finish()
+        await self._confirm()
+
+    # -- begin -------------------------------------------------------------------------
+
+    async def _begin(self) -> None:
+        self._phase("begin")
+        state = await process.vm_state(self.src, self.src_cfg, self.vm)
+        if state not in (process.VmState.RUNNING, process.VmState.PAUSED):
+            raise StateError(f"VM {self.vm} is {state.value} on {self.src_cfg.name}; "
+                             "live migration needs it running")
+        await self.dst.run(["true"], timeout=20)  # reachable (raises HostUnreachableError)
+        await process.check_files(self.dst, self.dst_cfg, self.spec)
+        if await process.vm_pid(self.dst, process.vm_paths(self.dst_cfg, self.vm)):
+            raise StateError(f"a QEMU for {self.vm} already runs on {self.dst_cfg.name}")
+        if self.opts.tls:
+            for host, cfg in ((self.src, self.src_cfg), (self.dst, self.dst_cfg)):
+                missing = await host.missing([f"{cfg.tls_path}/{f}" for f in QEMU_FILES])
+                if missing:
+                    raise EnvironmentError_(
+                        f"no TLS credentials on host {cfg.name} ({', '.join(missing)}): run "
+                        f"'vmigrate certs issue {cfg.name}', or pass --no-tls"
+                    )
+        if self.dst_cfg.migration_address is None:
+            raise UserError(f"host {self.dst_cfg.name} has no migration_address in the inventory")
+        async with qmp_session(self.src, process.vm_paths(self.src_cfg, self.vm).qmp,
+                               vm=self.vm) as qmp:
+            ver = (await qmp.execute("query-version"))["qemu"]
+        version = (int(ver["major"]), int(ver["minor"]), int(ver["micro"]))
+        self.setup = plan_setup(self.opts, version)
+        self._decision("setup", capabilities=self.setup.capabilities,
+                       parameters=self.setup.parameters, qemu=".".join(map(str, version)))
+
+    # -- prepare -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _prepare(self) -> AsyncIterator[QmpSession]:
+        assert self.setup is not None
+        self._phase("prepare")
+        self._cleanups.append(("remove the incoming VM on the destination", self._clean_dest))
+        await process.start_vm(self.dst, self.dst_cfg, self.spec, incoming="defer")
+        paths = process.vm_paths(self.dst_cfg, self.vm)
+        async with qmp_session(self.dst, paths.qmp, vm=self.vm) as qmp:
+            if self.opts.tls:
+                await qmp.execute("object-add", {
+                    "qom-type": "tls-creds-x509", "id": self._tls_id,
+                    "dir": str(self.dst_cfg.tls_path), "endpoint": "server", "verify-peer": True,
+                })
+            await _set_caps(qmp, self.setup.capabilities)
+            params = dict(self.setup.dest_parameters)
+            if self.opts.tls:
+                params["tls-creds"] = self._tls_id
+            if params:
+                await qmp.execute("migrate-set-parameters", params)
+            self.uri = await self._listen(qmp, "migrate-incoming")
+            yield qmp
+
+    async def _listen(self, qmp: QmpSession, command: str) -> str:
+        """Start the destination listening on a free port of its migration address."""
+        addr = self.dst_cfg.migration_address
+        last: QmpError | None = None
+        for _ in range(5):
+            uri = f"tcp:{addr}:{random.randint(*PORT_RANGE)}"
+            try:
+                await qmp.execute(command, {"uri": uri})
+                return uri
+            except QmpError as exc:  # port taken: try another
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _clean_dest(self) -> None:
+        # the monitor takes one client at a time: quit through our own session first
+        await _quit(self.dst_qmp)
+        self.dst_qmp = None
+        await process.stop_vm(self.dst, self.dst_cfg, self.spec, force=True)
+        await process.remove_vm_dir(self.dst, self.dst_cfg, self.vm)
+
+    # -- perform -----------------------------------------------------------------------
+
+    async def _perform(self) -> None:
+        assert self.setup is not None and self.src_qmp is not None
+        qmp = self.src_qmp
+        self._phase("perform")
+        controller = ConvergenceController(self.opts, self.setup)
+        if self.opts.tls:
+            self._cleanups.append(("remove TLS credentials object on the source",
+                                   self._del_src_tls))
+            await qmp.execute("object-add", {
+                "qom-type": "tls-creds-x509", "id": self._tls_id,
+                "dir": str(self.src_cfg.tls_path), "endpoint": "client", "verify-peer": True,
+            })
+        await _set_caps(qmp, self.setup.capabilities)
+        params = dict(controller.initial_parameters())
+        if self.opts.tls:
+            params["tls-creds"] = self._tls_id
+        await qmp.execute("migrate-set-parameters", params)
+        self._start_probe()
+        self._cleanups.append(("cancel the migration on the source", self._cancel_source))
+        self._migrating = True
+        t0 = time.monotonic()
+        await qmp.execute("migrate", {"uri": self.uri})
+        self._decision("migrate", uri=self.uri)
+        last_bytes, last_move = -1, t0
+        postcopy_at: float | None = None
+        reply: dict[str, Any] = {}
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            self._check_cancel()
+            now = time.monotonic()
+            reply = await qmp.execute("query-migrate")
+            sample = Sample.from_query_migrate(now - t0, reply)
+            status = sample.status
+            self.report.max_throttle_pct = max(self.report.max_throttle_pct, sample.throttle_pct)
+            if sample.transferred != last_bytes:
+                last_bytes, last_move = sample.transferred, now
+            if status.startswith("postcopy") and not self._pnr:
+                self._pnr = True  # the destination guest runs from here on
+                self._decision("point-of-no-return", status=status)
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise MigrationFailed(f"QEMU reports the migration {status}: "
+                                      f"{reply.get('error-desc', 'no reason given')}")
+            if status == "postcopy-paused" or (
+                status == "postcopy-active" and now - last_move > POSTCOPY_STALL_S
+            ):
+                await self._recover_postcopy(now - last_move)
+                last_move = time.monotonic()
+                continue
+            if status == "active" and now - last_move > LINK_STALL_S:
+                raise MigrationFailed(
+                    f"the migration link stalled: no bytes moved for {now - last_move:.0f}s "
+                    f"(is the link between {self.src_cfg.name} and {self.dst_cfg.name} down?)")
+            for action in controller.observe(sample):
+                await self._apply(action, qmp)
+                if isinstance(action, StartPostcopy):
+                    postcopy_at = time.monotonic()
+            self.on_progress(Progress("perform", sample, _last_step(controller)))
+        self._migrating = False
+        self.report.steps = [_step_dict(s) for s in controller.history]
+        ram = reply.get("ram", {})
+        self.report.qemu_downtime_ms = reply.get("downtime")
+        self.report.qemu_total_time_ms = reply.get("total-time")
+        self.report.bytes_transferred = ram.get("transferred")
+        self.report.ram_bytes = ram.get("total")
+        self.report.iterations = ram.get("dirty-sync-count")
+        if postcopy_at is not None:
+            self.report.postcopy_time_s = round(time.monotonic() - postcopy_at, 3)
+        self._pnr = True
+        self._decision("completed", downtime_ms=self.report.qemu_downtime_ms,
+                       bytes=self.report.bytes_transferred)
+
+    async def _apply(self, action: object, qmp: QmpSession) -> None:
+        if isinstance(action, SetParameters):
+            await qmp.execute("migrate-set-parameters", dict(action.params))
+            self._decision("set-parameters", params=dict(action.params), why=action.why)
+        elif isinstance(action, StartPostcopy):
+            self._decision("postcopy", why=action.why)  # audited before the side effect
+            await qmp.execute("migrate-start-postcopy")
+            self.report.postcopy = True
+        elif isinstance(action, PauseGuest):
+            self._decision("pause-guest", why=action.why)
+            await qmp.execute("stop")
+            self._paused_source = True
+            self.report.paused_guest = True
+        elif isinstance(action, Abort):
+            self._decision("abort", why=action.why)
+            raise MigrationFailed(f"policy {self.opts.policy.name}: {action.why}")
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    async def _recover_postcopy(self, stalled_for: float) -> None:
+        """The link failed during post-copy: pause both sides, wait for the link,
+        resume. Gives up (needs-operator) when the policy's timeout is spent."""
+        assert self.src_qmp is not None and self.dst_qmp is not None
+        self._decision("postcopy-pause", stalled_s=round(stalled_for, 1))
+        self.on_progress(Progress("perform", note="post-copy link lost: pausing to recover"))
+        for qmp in (self.src_qmp, self.dst_qmp):
+            with contextlib.suppress(QmpError):
+                await qmp.execute("migrate-pause")
+        await self._wait_status(self.src_qmp, {"postcopy-paused"}, 30)
+        await self._wait_status(self.dst_qmp, {"postcopy-paused"}, 30)
+        deadline = time.monotonic() + self.opts.policy.timeout_s
+        addr = self.dst_cfg.migration_address or ""
+        while time.monotonic() < deadline:
+            ping = await self.src.run(["ping", "-n", "-c", "1", "-W", "1", addr], check=False)
+            if ping.status == 0:
+                try:
+                    uri = await self._listen(self.dst_qmp, "migrate-recover")
+                    await self.src_qmp.execute("migrate", {"uri": uri, "resume": True})
+                except QmpError as exc:
+                    self.log.warning("post-copy resume failed, retrying: %s", exc)
+                    await asyncio.sleep(1)
+                    continue
+                self.report.postcopy_recoveries += 1
+                self._decision("postcopy-recovered", uri=uri)
+                self.on_progress(Progress("perform", note="post-copy recovered"))
+                return
+            self.on_progress(Progress("perform", note="post-copy paused: waiting for the link"))
+            await asyncio.sleep(1)
+        raise _Ambiguous(
+            f"post-copy paused and the link did not come back within "
+            f"{self.opts.policy.timeout_s:.0f}s: the guest's memory is split between "
+            f"{self.src_cfg.name} and {self.dst_cfg.name}; restore the link and run "
+            f"'vmigrate job recover'")
+
+    @staticmethod
+    async def _wait_status(qmp: QmpSession, wanted: set[str], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = str((await qmp.execute("query-migrate")).get("status"))
+            if status in wanted or time.monotonic() > deadline:
+                return status
+            await asyncio.sleep(0.2)
+
+    def _start_probe(self) -> None:
+        lab = self.inventory.lab
+        if lab is None or not self.spec.ip:
+            return
+        self.probe = DowntimeProbe(lab.probe_netns, self.spec.ip,
+                                   max_seconds=int(self.opts.policy.timeout_s) + 120)
+        self.probe.start()
+        self._cleanups.append(("stop the downtime probe", self._stop_probe))
+
+    async def _stop_probe(self) -> None:
+        if self.probe is not None:
+            result = await asyncio.to_thread(self.probe.stop)
+            self.probe = None
+            self.report.observed_downtime_ms = result.longest_gap_ms
+            self.report.probe = {"sent": result.sent, "received": result.received,
+                                 "duration_s": result.duration_s}
+
+    async def _cancel_source(self) -> None:
+        if not self._migrating or self.src_qmp is None:
+            return
+        await self.src_qmp.execute("migrate_cancel")
+        status = await self._wait_status(self.src_qmp, {"cancelled", "failed", "none"}, 30)
+        self._migrating = False
+        if status not in {"cancelled", "failed", "none"}:
+            raise MigrationFailed(f"migrate_cancel left the source in status {status}")
+
+    async def _del_src_tls(self) -> None:
+        if self.src_qmp is not None:
+            await self.src_qmp.execute("object-del", {"id": self._tls_id})
+
+    # -- finish and confirm --------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        assert self.dst_qmp is not None
+        self._phase("finish")
+        status = await self._wait_run_state(self.dst_qmp, 30)
+        if status == "paused" and self._paused_source:
+            await self.dst_qmp.execute("cont")  # we paused it to converge: resume it
+            status = await self._wait_run_state(self.dst_qmp, 10)
+        if status != "running":
+            raise _Ambiguous(f"the migration completed but the guest on {self.dst_cfg.name} "
+                             f"is {status}, not running")
+        self.store.set_vm_host(self.vm, self.dst_cfg.name)
+        self.report.verification.dest_running = True
+        await self._stop_probe()
+        if (self.spec.workload or "").startswith("memtouch"):
+            await self._memcheck()
+
+    @staticmethod
+    async def _wait_run_state(qmp: QmpSession, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await qmp.query_status()
+            if status == "running" or time.monotonic() > deadline:
+                return status
+            if status == "paused":
+                return status
+            await asyncio.sleep(0.2)
+
+    async def _memcheck(self) -> None:
+        """The lab guest's memory workload verifies every page on each pass: wait for
+        its first verdict printed on the destination."""
+        pattern = re.compile(r"MEMCHECK pass=\d+ (ok|FAIL).*|VMIGRATE WORKLOAD EXIT.*")
+        deadline = time.monotonic() + MEMCHECK_WAIT_S
+        while time.monotonic() < deadline:
+            text = await process.read_console(self.dst, self.dst_cfg, self.vm)
+            match = pattern.search(text)
+            if match:
+                verdict = {"ok": "ok", "FAIL": "fail"}.get(match.group(1) or "", "exited")
+                self.report.verification.memcheck = verdict
+                self.report.verification.memcheck_line = match.group(0).strip()
+                self._decision("memcheck", verdict=verdict)
+                return
+            await asyncio.sleep(1)
+        self.report.verification.memcheck = "none"
+
+    async def _confirm(self) -> None:
+        self._phase("confirm")
+        self._cleanups.clear()  # nothing to roll back any more
+        await _quit(self.src_qmp)
+        self.src_qmp = None
+        await process.stop_vm(self.src, self.src_cfg, self.spec, force=True)
+        await process.remove_vm_dir(self.src, self.src_cfg, self.vm)
+
+    # -- rollback ----------------------------------------------------------------------
+
+    async def _rollback(self, reason: str) -> None:
+        """Run the cleanups, newest first, each guarded; then resume the source if we
+        paused it and record the end state of both hosts."""
+        self.audit.append("rollback", {"reason": reason}, job=self.job_id)
+        for what, step in reversed(self._cleanups):
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.report.cleanup_errors.append(f"{what}: {exc}")
+                self.log.warning("cleanup %r failed: %s", what, exc)
+        self._cleanups.clear()
+        if self._paused_source and self.src_qmp is not None:
+            try:
+                await self.src_qmp.execute("cont")
+            except Exception as exc:
+                self.report.cleanup_errors.append(f"resume the source: {exc}")
+        try:
+            if self.src_qmp is not None:
+                src_status = await self.src_qmp.query_status()
+            else:
+                src_status = (await process.vm_state(self.src, self.src_cfg, self.vm)).value
+            self.report.verification.source_running = src_status == "running"
+            dest_pid = await process.vm_pid(self.dst, process.vm_paths(self.dst_cfg, self.vm))
+            self.report.verification.dest_clean = dest_pid is None
+        except (HostError, QmpError) as exc:
+            self.report.cleanup_errors.append(f"checking end state: {exc}")
+
+
+async def _quit(qmp: QmpSession | None) -> None:
+    """Ask QEMU to quit through an open session; a hang-up is the expected answer."""
+    if qmp is not None:
+        with contextlib.suppress(QmpError):
+            await qmp.execute("quit")
+
+
+async def _set_caps(qmp: QmpSession, caps: dict[str, bool]) -> None:
+    if caps:
+        await qmp.execute("migrate-set-capabilities", {
+            "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]})
+
+
+def _step_dict(step: Any) -> dict[str, Any]:
+    return {"t": round(step.t, 2), "iteration": step.iteration, "action": step.action,
+            "detail": step.detail, "taken": step.taken}
+
+
+def _last_step(controller: ConvergenceController) -> str | None:
+    hist = controller.history
+    return f"{hist[-1].action}: {hist[-1].detail}" if hist else None

@@ -1,0 +1,136 @@
+"""Resolve jobs left behind by a controller that died, from their saved phase.
+
+The saved phase (written before each phase's side effects) and what the hosts
+say now decide the end state:
+
+=========  ===============================================  ===================
+phase      hosts now                                        outcome
+=========  ===============================================  ===================
+begin      (nothing was allocated)                          failed
+prepare,   source migration completed, destination runs     completed (confirm)
+perform    source in post-copy                              needs-operator
+           otherwise                                        rolled back: failed
+finish     destination runs                                 completed (confirm)
+           otherwise                                        needs-operator
+confirm    --                                               completed (confirm)
+=========  ===============================================  ===================
+
+"Rolled back" means: ``migrate_cancel`` if a migration is active, the source
+resumed if the job had paused it, the incoming VM killed and its files removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from vmigrate.audit.log import AuditLog, read
+from vmigrate.config import Inventory
+from vmigrate.errors import HostError, QmpError, StateError
+from vmigrate.hosts import open_host
+from vmigrate.qemu import process
+from vmigrate.qemu.process import VmState
+from vmigrate.qemu.qmp import qmp_session
+from vmigrate.qemu.spec import VMSpec
+from vmigrate.store import JobRecord, Store
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What ``job recover`` did for one job."""
+
+    job: str
+    vm: str
+    phase: str
+    outcome: str  # completed | failed | needs-operator
+    detail: str
+
+
+def controller_alive(job: JobRecord) -> bool:
+    """Whether the process that ran the job still runs (and is a vmigrate process)."""
+    if not job.controller_pid:
+        return False
+    try:
+        with open(f"/proc/{job.controller_pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+    except OSError:
+        return False
+    return b"vmigrate" in cmdline and job.controller_pid != os.getpid()
+
+
+async def recover(inventory: Inventory, store: Store, audit: AuditLog, job: JobRecord,
+                  *, force: bool = False) -> Recovery:
+    """Bring one abandoned job to an end state on both hosts."""
+    if not job.active:
+        raise StateError(f"job {job.id} is not running (status {job.status})")
+    if controller_alive(job) and not force:
+        raise StateError(f"job {job.id} is still run by process {job.controller_pid}; "
+                         "cancel it with 'vmigrate job cancel' instead")
+    spec = VMSpec.model_validate_json(store.get_vm(job.vm).spec_json)
+    src_cfg, dst_cfg = inventory.host(job.source), inventory.host(job.dest)
+    audit.append("recover", {"phase": job.phase}, job=job.id)
+    paused_by_job = any(r.event == "decision" and r.data.get("decision") == "pause-guest"
+                        for r in read(audit.path, job=job.id))
+    async with open_host(src_cfg) as src, open_host(dst_cfg) as dst:
+        src_paths = process.vm_paths(src_cfg, job.vm)
+
+        async def src_migration() -> str:
+            if await process.vm_pid(src, src_paths) is None:
+                return "no-source"
+            async with qmp_session(src, src_paths.qmp, vm=job.vm) as qmp:
+                return str((await qmp.execute("query-migrate")).get("status", "none"))
+
+        async def confirm() -> None:
+            store.set_vm_host(job.vm, dst_cfg.name)
+            await process.stop_vm(src, src_cfg, spec, force=True)
+            await process.remove_vm_dir(src, src_cfg, job.vm)
+
+        async def roll_back() -> None:
+            if await process.vm_pid(src, src_paths) is not None:
+                async with qmp_session(src, src_paths.qmp, vm=job.vm) as qmp:
+                    status = str((await qmp.execute("query-migrate")).get("status", "none"))
+                    if status in {"setup", "active", "pre-switchover", "device"}:
+                        await qmp.execute("migrate_cancel")
+                    if paused_by_job and await qmp.query_status() == "paused":
+                        await qmp.execute("cont")
+            await process.stop_vm(dst, dst_cfg, spec, force=True)
+            await process.remove_vm_dir(dst, dst_cfg, job.vm)
+
+        dst_state = await process.vm_state(dst, dst_cfg, job.vm)
+        outcome, detail = "failed", ""
+        match job.phase:
+            case "begin":
+                detail = "the controller died in begin; nothing had been allocated"
+            case "prepare" | "perform":
+                status = await src_migration()
+                if status == "completed" and dst_state == VmState.RUNNING:
+                    await confirm()
+                    outcome, detail = "completed", "QEMU finished the migration on its own"
+                elif status.startswith("postcopy"):
+                    outcome = "needs-operator"
+                    detail = (f"the source is in {status}: the guest's memory is split; "
+                              "wait for it to complete or recover the link")
+                else:
+                    await roll_back()
+                    detail = f"rolled back from {job.phase} (source migration was {status})"
+            case "finish":
+                if dst_state == VmState.RUNNING:
+                    await confirm()
+                    outcome, detail = "completed", "the destination runs; source stopped"
+                else:
+                    outcome = "needs-operator"
+                    detail = f"the destination is {dst_state.value} after the switchover"
+            case "confirm":
+                await confirm()
+                outcome, detail = "completed", "confirm finished"
+            case _:
+                outcome, detail = "needs-operator", f"unknown phase {job.phase}"
+        with contextlib.suppress(HostError, QmpError):
+            detail += (f"; now: source {(await process.vm_state(src, src_cfg, job.vm)).value}"
+                       f", destination {(await process.vm_state(dst, dst_cfg, job.vm)).value}")
+    report = dict(job.report or {})
+    report.update({"status": outcome, "error": detail, "recovered": True})
+    store.end_job(job.id, outcome, report=report, error=None if outcome == "completed" else detail)
+    audit.append("end", {"status": outcome, "error": detail, "recovered": True}, job=job.id)
+    return Recovery(job.id, job.vm, job.phase, outcome, detail)

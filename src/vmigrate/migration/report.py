@@ -1,0 +1,57 @@
+"""The migration report: QEMU's own figures next to independent ones."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+REPORT_VERSION = 1
+
+Status = Literal["running", "completed", "failed", "cancelled", "needs-operator"]
+
+
+class Verification(BaseModel):
+    """What was checked after the switchover."""
+
+    dest_running: bool | None = None
+    #: lab guests running memtouch: "ok", "fail", or None where not applicable
+    memcheck: str | None = None
+    memcheck_line: str | None = None
+    source_running: bool | None = None  # after a rollback: the source runs on
+    dest_clean: bool | None = None  # after a rollback: nothing left on the destination
+
+
+class MigrationReport(BaseModel):
+    """Everything a migration measured. Serialised with ``model_dump(mode="json")``."""
+
+    v: int = REPORT_VERSION
+    job: str
+    vm: str
+    mode: str
+    source: str
+    dest: str
+    status: Status = "running"
+    phase: str = "begin"
+    error: str | None = None
+    policy: str = "balanced"
+    policy_description: str = ""
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+    tls: bool = True
+    started_at: float = 0.0
+    total_time_s: float | None = None
+    qemu_total_time_ms: int | None = None
+    qemu_downtime_ms: int | None = None
+    observed_downtime_ms: float | None = None
+    probe: dict[str, Any] | None = None
+    bytes_transferred: int | None = None
+    ram_bytes: int | None = None
+    iterations: int | None = None
+    max_throttle_pct: int = 0
+    postcopy: bool = False
+    postcopy_time_s: float | None = None
+    postcopy_recoveries: int = 0
+    paused_guest: bool = False
+    verification: Verification = Field(default_factory=Verification)
+    cleanup_errors: list[str] = Field(default_factory=list)
