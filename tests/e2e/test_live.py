@@ -151,11 +151,17 @@ def wait_phase(lab: Lab, vm: str, phase: str, timeout: float = 120) -> dict[str,
     raise AssertionError(f"job for {vm} never reached {phase}")
 
 
-def wait_audit(lab: Lab, decision: str, timeout: float = 120) -> None:
+def audit_size(lab: Lab) -> int:
+    path = lab.home / "audit.jsonl"
+    return path.stat().st_size if path.exists() else 0
+
+
+def wait_audit(lab: Lab, decision: str, after: int, timeout: float = 120) -> None:
+    """Wait for a decision written to the audit log past byte offset ``after``."""
     deadline = time.monotonic() + timeout
     path = lab.home / "audit.jsonl"
     while time.monotonic() < deadline:
-        if path.exists() and f'"decision":"{decision}"' in path.read_text().replace(" ", ""):
+        if path.exists() and f'"decision":"{decision}"' in path.read_bytes()[after:].decode():
             return
         time.sleep(0.1)
     raise AssertionError(f"no {decision} decision in the audit log")
@@ -248,23 +254,26 @@ def test_unreachable_destination_refused_at_begin(lab: Lab, guest: list[str],
 
 
 def test_postcopy_link_cut_recovers(lab: Lab, guest: list[str],
-                                    slow_links: Callable[[str], None]) -> None:
+                                    slow_links: Callable[[str], None], tmp_path: Path) -> None:
     slow_links("100mbit")
     guest.append("pc1")
     start_guest(lab, "pc1", "memtouch:wss=96M,rate=20000")
-    proc = lab.popen("migrate", "pc1", "--to", "h2", "--policy", "postcopy", "--json")
+    offset = audit_size(lab)
+    proc = lab.popen("-v", "migrate", "pc1", "--to", "h2", "--policy", "postcopy", "--json")
     try:
-        wait_audit(lab, "postcopy")
+        wait_audit(lab, "postcopy", offset)
         time.sleep(0.5)
         link_down(lab.home, "h1", lab.name)
         time.sleep(5)
         link_up(lab.home, "h1", lab.name)
         out, errs = proc.communicate(timeout=300)
+        (tmp_path / "migrate.log").write_text(errs)  # the -v log, kept with the test
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, errs
+            out, errs = proc.communicate()
+            (tmp_path / "migrate.log").write_text(errs)  # the -v log, kept with the test
+    assert proc.returncode == 0, errs[-3000:] + out
     report = json.loads(out)
     assert report["status"] == "completed"
     assert report["postcopy"] is True and report["postcopy_recoveries"] >= 1

@@ -75,6 +75,8 @@ LINK_STALL_S = 6.0
 #: in post-copy, no byte moved for this long while pages remain: pause and recover
 POSTCOPY_STALL_S = 3.0
 PORT_RANGE = (49152, 60999)
+#: a monitor that does not answer within this long is taken as hung
+QMP_TIMEOUT_S = 20.0
 #: how long to wait for the lab guest's first memory-check verdict on the destination
 MEMCHECK_WAIT_S = 60.0
 
@@ -322,14 +324,14 @@ class LiveMigration:
             self.uri = await self._listen(qmp, "migrate-incoming")
             yield qmp
 
-    async def _listen(self, qmp: QmpSession, command: str) -> str:
+    async def _listen(self, qmp: QmpSession, command: str, *, oob: bool = False) -> str:
         """Start the destination listening on a free port of its migration address."""
         addr = self.dst_cfg.migration_address
         last: QmpError | None = None
         for _ in range(5):
             uri = f"tcp:{addr}:{random.randint(*PORT_RANGE)}"
             try:
-                await qmp.execute(command, {"uri": uri})
+                await qmp.execute(command, {"uri": uri}, oob=oob, timeout=QMP_TIMEOUT_S)
                 return uri
             except QmpError as exc:  # port taken: try another
                 last = exc
@@ -375,7 +377,18 @@ class LiveMigration:
             await asyncio.sleep(SAMPLE_INTERVAL)
             self._check_cancel()
             now = time.monotonic()
-            reply = await qmp.execute("query-migrate")
+            try:
+                reply = await qmp.execute(
+                    "query-migrate",
+                    timeout=POSTCOPY_STALL_S if self.report.postcopy else QMP_TIMEOUT_S)
+            except QmpError as exc:
+                # in post-copy a lost link can block the source's main loop, and with it
+                # query-migrate: an unanswered monitor is a stalled link
+                if self.report.postcopy and exc.error_class is None:
+                    await self._recover_postcopy(time.monotonic() - last_move)
+                    last_move = time.monotonic()
+                    continue
+                raise
             sample = Sample.from_query_migrate(now - t0, reply)
             status = sample.status
             self.report.max_throttle_pct = max(self.report.max_throttle_pct, sample.throttle_pct)
@@ -444,18 +457,23 @@ class LiveMigration:
         self._decision("postcopy-pause", stalled_s=round(stalled_for, 1))
         self.on_progress(Progress("perform", note="post-copy link lost: pausing to recover"))
         for qmp in (self.src_qmp, self.dst_qmp):
+            # out-of-band: the destination's main loop may be blocked on a missing page
             with contextlib.suppress(QmpError):
-                await qmp.execute("migrate-pause")
+                await qmp.execute("migrate-pause", oob=True, timeout=QMP_TIMEOUT_S)
         await self._wait_status(self.src_qmp, {"postcopy-paused"}, 30)
-        await self._wait_status(self.dst_qmp, {"postcopy-paused"}, 30)
+        # the destination's main loop may stay blocked on a missing page until the
+        # source resumes, so its (in-band) query-migrate is only asked, not awaited
+        with contextlib.suppress(QmpError):
+            await self._wait_status(self.dst_qmp, {"postcopy-paused"}, 4, call_timeout=2)
         deadline = time.monotonic() + self.opts.policy.timeout_s
         addr = self.dst_cfg.migration_address or ""
         while time.monotonic() < deadline:
             ping = await self.src.run(["ping", "-n", "-c", "1", "-W", "1", addr], check=False)
             if ping.status == 0:
                 try:
-                    uri = await self._listen(self.dst_qmp, "migrate-recover")
-                    await self.src_qmp.execute("migrate", {"uri": uri, "resume": True})
+                    uri = await self._listen(self.dst_qmp, "migrate-recover", oob=True)
+                    await self.src_qmp.execute("migrate", {"uri": uri, "resume": True},
+                                               timeout=QMP_TIMEOUT_S)
                 except QmpError as exc:
                     self.log.warning("post-copy resume failed, retrying: %s", exc)
                     await asyncio.sleep(1)
@@ -473,10 +491,12 @@ class LiveMigration:
             f"'vmigrate job recover'")
 
     @staticmethod
-    async def _wait_status(qmp: QmpSession, wanted: set[str], timeout: float) -> str:
+    async def _wait_status(qmp: QmpSession, wanted: set[str], timeout: float,
+                           call_timeout: float = QMP_TIMEOUT_S) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            status = str((await qmp.execute("query-migrate")).get("status"))
+            status = str((await qmp.execute("query-migrate", timeout=call_timeout)
+                          ).get("status"))
             if status in wanted or time.monotonic() > deadline:
                 return status
             await asyncio.sleep(0.2)

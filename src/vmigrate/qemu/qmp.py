@@ -27,10 +27,25 @@ class QmpSession:
         self._client = client
         self.vm = vm
 
-    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
-        """Run one QMP command and return its ``return`` value."""
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        oob: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one QMP command and return its ``return`` value.
+
+        ``oob`` sends it out-of-band (answered even while QEMU's main loop is
+        blocked, e.g. on a post-copy page fault). After ``timeout`` seconds without
+        a reply, :class:`QmpError` is raised; the command may still run in QEMU.
+        """
         try:
-            return await self._client.execute(command, arguments)
+            return await asyncio.wait_for(
+                self._client.execute(command, arguments, oob=oob), timeout)
+        except TimeoutError as exc:
+            raise QmpError(f"{self.vm}: no reply to {command} within {timeout}s") from exc
         except ExecuteError as exc:
             raise QmpError(f"{self.vm}: {command} failed: {exc}", exc.error_class) from exc
         except (QMPError, EOFError, OSError) as exc:
