@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.e2e.conftest import Lab
+from tests.e2e.test_vms import qemu_pids
 from vmigrate import pki
 from vmigrate.cli import certs as certs_cli
 from vmigrate.config import HostConfig, dump_inventory
@@ -167,17 +168,7 @@ async def test_live_migration_over_tls(lab: Lab) -> None:
         await host1.close()
         await host2.close()
     assert res.returncode == 0, res.stderr
-    assert live_qemu(lab) == []
-
-
-def live_qemu(lab: Lab) -> list[int]:
-    """PIDs in the lab hosts' VM pidfiles whose processes are alive."""
-    pids = []
-    for pidfile in lab.home.glob("labs/*/hosts/*/data/vms/*/qemu.pid"):
-        text = pidfile.read_text().strip()
-        if text.isdigit() and Path(f"/proc/{text}").exists():
-            pids.append(int(text))
-    return pids
+    assert qemu_pids(lab) == []
 
 
 async def test_destination_with_another_ca_fails_and_source_runs(
@@ -232,4 +223,4 @@ async def test_destination_with_another_ca_fails_and_source_runs(
         await host1.close()
         await host2.close()
     assert res2.returncode == 0, res2.stderr
-    assert live_qemu(lab) == []
+    assert qemu_pids(lab) == []

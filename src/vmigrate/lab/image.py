@@ -559,20 +559,29 @@ def _check_busybox() -> None:
         )
 
 
+def _program_headers(elf: bytes) -> list[tuple[int, int, int]] | None:
+    """(p_type, p_offset, p_filesz) of each program header of a 64-bit little-endian
+    ELF file; None when ``elf`` is not one or its headers run past its end."""
+    if len(elf) < 64 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return None
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    headers = []
+    for i in range(phnum):
+        base = phoff + i * phentsize
+        if base + 56 > len(elf):
+            return None
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, base
+        )
+        headers.append((p_type, p_offset, p_filesz))
+    return headers
+
+
 def _is_static_elf(data: bytes) -> bool:
     """True for a 64-bit little-endian ELF file without a PT_INTERP segment."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return False
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for i in range(phnum):
-        off = phoff + i * phentsize
-        if off + 4 > len(data):
-            return False
-        (p_type,) = struct.unpack_from("<I", data, off)
-        if p_type == 3:  # PT_INTERP
-            return False
-    return True
+    headers = _program_headers(data)
+    return headers is not None and all(p_type != 3 for p_type, _o, _s in headers)
 
 
 def _pvh_vmlinux(bzimage: bytes) -> bytes | None:
@@ -601,17 +610,7 @@ def _pvh_vmlinux(bzimage: bytes) -> bytes | None:
 
 def _has_pvh_note(elf: bytes) -> bool:
     """Whether a 64-bit little-endian ELF file carries Xen note 18 (PHYS32_ENTRY)."""
-    if len(elf) < 64 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        base = phoff + i * phentsize
-        if base + 56 > len(elf):
-            return False
-        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", elf, base
-        )
+    for p_type, p_offset, p_filesz in _program_headers(elf) or []:
         if p_type != 4:  # PT_NOTE
             continue
         pos, end = p_offset, min(p_offset + p_filesz, len(elf))
