@@ -15,6 +15,7 @@ from vmigrate.cli._common import out, print_json
 from vmigrate.config import state_home
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Check and read the hash-chained audit log ($VMIGRATE_HOME/audit.jsonl).",
     no_args_is_help=True,
 )

@@ -13,6 +13,7 @@ from vmigrate.cli._common import CTX, out, print_json, run
 from vmigrate.service import certs
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="TLS credentials for migration: a local CA, and per-host x509 certificates in "
     "the files QEMU's tls-creds-x509 reads (ca-cert.pem, server-cert.pem, server-key.pem, "
     "client-cert.pem, client-key.pem). The lab creates and installs its own at 'lab up'.",

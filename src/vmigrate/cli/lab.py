@@ -12,6 +12,7 @@ from vmigrate.cli._common import err, out, print_json
 from vmigrate.config import state_home
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Build and tear down a small datacenter on this machine (needs root): hosts are "
     "network namespaces with their own sshd, linked by shaped migration links.",
     no_args_is_help=True,

@@ -16,6 +16,7 @@ from vmigrate.cli._common import CTX, err
 from vmigrate.errors import VmigrateError
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="vmigrate moves QEMU/KVM virtual machines between hosts.\n\n"
     "Start with 'vmigrate lab up' to build a test datacenter on this machine, or write "
     "an inventory (vmigrate.toml) naming your hosts.",
@@ -61,7 +62,7 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Leave the lab up at the end.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Build a two-host lab, run a lab guest with a memory workload, show it alive, tear down."""
+    """Build a lab, run a guest, live-migrate it under load, report, tear down."""
     from vmigrate.cli.demo import run_demo
 
     run_demo(keep=keep, as_json=as_json)

@@ -22,8 +22,11 @@ from vmigrate.plan.policy import (
 )
 from vmigrate.store import JobRecord
 
-job_app = typer.Typer(help="List, inspect, cancel and recover migration jobs.",
-                      no_args_is_help=True)
+job_app = typer.Typer(
+    rich_markup_mode=None,
+    help="List, inspect, cancel and recover migration jobs.",
+    no_args_is_help=True,
+)
 
 
 def _audit() -> AuditLog:
@@ -134,7 +137,7 @@ def migrate(
                     ] = "live",
     policy: Annotated[str, typer.Option(
         help="Convergence policy: balanced, minimal-downtime, postcopy, suspend, or one "
-        "from [policies.NAME] in the inventory.")] = "balanced",
+        "defined under policies in the inventory.")] = "balanced",
     downtime_ms: Annotated[int | None, typer.Option(
         help="Starting downtime limit in ms (overrides the policy's).")] = None,
     bandwidth: Annotated[str | None, typer.Option(

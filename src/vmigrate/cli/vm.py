@@ -15,6 +15,7 @@ from vmigrate.errors import UserError
 from vmigrate.service.vms import CreateRequest, VmInfo, VmService
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Define, start, stop and inspect VMs on the inventory's hosts.",
     no_args_is_help=True,
 )
