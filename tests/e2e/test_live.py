@@ -99,6 +99,11 @@ def migrate(lab: Lab, vm: str, *args: str, timeout: float = 400) -> tuple[int, d
 def test_idle_vm_migrates_live(lab: Lab, guest: list[str]) -> None:
     guest.append("idle1")
     start_guest(lab, "idle1", "idle")
+    # multifd with the default policy's post-copy step is refused before any job exists
+    refused = lab.cli("migrate", "idle1", "--to", "h2", "--parallel", "4")
+    assert refused.returncode == 2
+    jobs = lab.cli_json("job", "list")
+    assert isinstance(jobs, list) and not [j for j in jobs if j["vm"] == "idle1"]
     rc, report = migrate(lab, "idle1")
     assert rc == 0, report
     assert report["status"] == "completed"

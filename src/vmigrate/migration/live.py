@@ -152,6 +152,9 @@ class LiveMigration:
         self.dst_cfg: HostConfig = inventory.host(dest)
         if record.host == dest:
             raise UserError(f"VM {vm} already runs on {dest}")
+        # refuse impossible option sets before any job exists (checked again in begin
+        # against the source's real QEMU version)
+        plan_setup(opts)
         self.job_id = job_id or new_job_id()
         self.log = logging.getLogger(f"vmigrate.migration.{self.job_id}")
         self.report = MigrationReport(
