@@ -144,6 +144,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=90.0,
                     help="seconds a baseline may run before it counts as not completed")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--only", action="append", default=None, metavar="STRATEGY",
+                    help="run only this strategy (repeatable): vmigrate, qemu-defaults, "
+                    "proxmox-like, nova-defaults")
     args = ap.parse_args()
     require_root()
     build_image()
@@ -162,6 +165,8 @@ def main() -> int:
                 set_link_rate(home, host, link, name)
             for level in levels:
                 for strat, opts in strategies(args.budget).items():
+                    if args.only and strat not in args.only:
+                        continue
                     index += 1
                     row = asyncio.run(one_run(home, link, level, strat, opts, index))
                     rows.append(row)

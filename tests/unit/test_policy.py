@@ -80,7 +80,7 @@ def test_builtins() -> None:
         assert describe(policy).startswith(name + ":")
         assert "\n" not in describe(policy)
     balanced = BUILTIN["balanced"]
-    assert [s.action for s in balanced.steps] == ["downtime", "throttle", "postcopy"]
+    assert [s.action for s in balanced.steps] == ["downtime", "downtime", "throttle", "postcopy"]
     assert balanced.timeout_action == "complete"
 
 
@@ -169,7 +169,7 @@ def test_setup_balanced() -> None:
     assert setup.postcopy
     assert setup.capabilities == {"postcopy-ram": True, "auto-converge": True,
                                   "xbzrle": False, "multifd": False}
-    assert setup.parameters["downtime-limit"] == 300
+    assert setup.parameters["downtime-limit"] == 50
     assert setup.parameters["max-bandwidth"] == UNLIMITED_BANDWIDTH
     for name, value in HELD_THROTTLE.items():
         assert setup.parameters[name] == value
@@ -269,15 +269,17 @@ def test_flat_fires_steps_in_order() -> None:
     ctl, setup = controller("balanced")
     assert ctl.initial_parameters() == setup.parameters
     fired = feed(ctl, flat(12))
-    # iteration 2 ends the bulk pass (not a stall); 3 and 4 stall -> step 1, ...
-    assert [it for it, _ in fired] == [4, 6, 8]
-    (_, a1), (_, a2), (_, a3) = fired
-    assert isinstance(a1, SetParameters) and a1.params == {"downtime-limit": 600}
-    assert isinstance(a2, SetParameters) and a2.params == throttle_parameters(20)
-    assert a2.params["cpu-throttle-increment"] == 10
-    assert isinstance(a3, StartPostcopy)
+    # iteration 2 ends the bulk pass (not a stall); 3 stalls -> step 1; 4, 5 -> step 2 ...
+    assert [it for it, _ in fired] == [3, 5, 7, 9]
+    (_, a1), (_, a2), (_, a3), (_, a4) = fired
+    assert isinstance(a1, SetParameters) and a1.params == {"downtime-limit": 300}
+    assert isinstance(a2, SetParameters) and a2.params == {"downtime-limit": 600}
+    assert isinstance(a3, SetParameters) and a3.params == throttle_parameters(20)
+    assert a3.params["cpu-throttle-increment"] == 10
+    assert isinstance(a4, StartPostcopy)
     assert [(r.action, r.iteration, r.step, r.taken) for r in ctl.history] == [
-        ("downtime", 4, 0, True), ("throttle", 6, 1, True), ("postcopy", 8, 2, True)]
+        ("downtime", 3, 0, True), ("downtime", 5, 1, True), ("throttle", 7, 2, True),
+        ("postcopy", 9, 3, True)]
     assert ctl.stalls == 10
 
 
@@ -312,10 +314,10 @@ def test_throttle_step_skipped_without_auto_converge() -> None:
 
 def test_downtime_step_not_lowering_override() -> None:
     ctl, _ = controller("balanced", downtime_ms=1000)
-    fired = feed(ctl, flat(8))
-    assert [(it, type(a)) for it, a in fired] == [(6, SetParameters), (8, StartPostcopy)]
+    fired = feed(ctl, flat(10))
+    assert [(it, type(a)) for it, a in fired] == [(7, SetParameters), (9, StartPostcopy)]
     assert [(r.action, r.taken) for r in ctl.history] == [
-        ("downtime", False), ("throttle", True), ("postcopy", True)]
+        ("downtime", False), ("downtime", False), ("throttle", True), ("postcopy", True)]
 
 
 def test_one_shot_actions_not_repeated() -> None:
@@ -461,7 +463,7 @@ def test_fake_converging_completes_without_steps() -> None:
 def test_fake_balanced_completes_2x_dirty_via_postcopy() -> None:
     run = run_fake("balanced", dirty=200 * MiB, wss=256 * MiB)
     assert run.status == "completed"
-    assert [r.action for r in run.history] == ["downtime", "throttle", "postcopy"]
+    assert [r.action for r in run.history] == ["downtime", "downtime", "throttle", "postcopy"]
     assert all(r.taken for r in run.history)
     assert isinstance(run.actions[-1], StartPostcopy)
     assert run.max_throttle > 1  # the throttle step released the held auto-converge

@@ -206,10 +206,12 @@ def _builtin() -> dict[str, Policy]:
     policies = [
         Policy(
             name="balanced",
-            description="Pre-copy at 300 ms; on stalls raise the limit to 600 ms, then "
-            "throttle the guest's CPUs, then switch to post-copy; at 10 min force completion.",
-            downtime_ms=300,
+            description="Pre-copy at a 50 ms limit (a converging guest pauses briefly); on "
+            "stalls raise it to 300 ms, then 600 ms, then throttle the guest's CPUs, then "
+            "switch to post-copy; at 10 min force completion.",
+            downtime_ms=50,
             steps=(
+                Step(after_stalls=1, action="downtime", value=300),
                 Step(after_stalls=2, action="downtime", value=600),
                 Step(after_stalls=2, action="throttle", value=20),
                 Step(after_stalls=2, action="postcopy"),
