@@ -512,3 +512,4 @@ def test_fake_rejects_what_qemu_rejects() -> None:
                            capabilities={"multifd": True, "postcopy-ram": True})
     broken.start_postcopy()
     assert broken.status == "failed"
+

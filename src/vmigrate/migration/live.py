@@ -539,6 +539,10 @@ class LiveMigration:
     async def _finish(self) -> None:
         assert self.dst_qmp is not None
         self._phase("finish")
+        memtouch = (self.spec.workload or "").startswith("memtouch")
+        if memtouch:  # what the log holds now may predate the switchover
+            seen = last_memcheck_pass(await process.read_console(self.dst, self.dst_cfg,
+                                                                 self.vm))
         status = await self._wait_run_state(self.dst_qmp, 30)
         if status == "paused" and self._paused_source:
             await self.dst_qmp.execute("cont")  # we paused it to converge: resume it
@@ -549,8 +553,8 @@ class LiveMigration:
         self.store.set_vm_host(self.vm, self.dst_cfg.name)
         self.report.verification.dest_running = True
         await self._stop_probe()
-        if (self.spec.workload or "").startswith("memtouch"):
-            await self._memcheck()
+        if memtouch:
+            await self._memcheck(after_pass=seen)
 
     @staticmethod
     async def _wait_run_state(qmp: QmpSession, timeout: float) -> str:
@@ -563,16 +567,18 @@ class LiveMigration:
                 return status
             await asyncio.sleep(0.2)
 
-    async def _memcheck(self) -> None:
+    async def _memcheck(self, after_pass: int) -> None:
         """The lab guest's memory workload verifies every page on each pass: wait for
-        its first verdict printed on the destination."""
-        pattern = re.compile(r"MEMCHECK pass=\d+ (ok|FAIL).*|VMIGRATE WORKLOAD EXIT.*")
+        the verdict of a pass that ran on the destination (numbered above
+        ``after_pass``, the last one in the log when the switchover was seen)."""
         deadline = time.monotonic() + MEMCHECK_WAIT_S
         while time.monotonic() < deadline:
             text = await process.read_console(self.dst, self.dst_cfg, self.vm)
-            match = pattern.search(text)
-            if match:
-                verdict = {"ok": "ok", "FAIL": "fail"}.get(match.group(1) or "", "exited")
+            for match in _MEMCHECK.finditer(text):
+                if match.group("pass") and int(match.group("pass")) <= after_pass:
+                    continue
+                verdict = {"ok": "ok", "FAIL": "fail"}.get(match.group("verdict") or "",
+                                                            "exited")
                 self.report.verification.memcheck = verdict
                 self.report.verification.memcheck_line = match.group(0).strip()
                 self._decision("memcheck", verdict=verdict)
@@ -618,6 +624,16 @@ class LiveMigration:
             self.report.verification.dest_clean = dest_pid is None
         except (HostError, QmpError) as exc:
             self.report.cleanup_errors.append(f"checking end state: {exc}")
+
+
+_MEMCHECK = re.compile(
+    r"MEMCHECK pass=(?P<pass>\d+) (?P<verdict>ok|FAIL).*|VMIGRATE WORKLOAD EXIT.*")
+
+
+def last_memcheck_pass(text: str) -> int:
+    """The highest memtouch pass number in a console log (0 if none)."""
+    return max((int(m.group("pass")) for m in _MEMCHECK.finditer(text) if m.group("pass")),
+               default=0)
 
 
 async def _quit(qmp: QmpSession | None) -> None:

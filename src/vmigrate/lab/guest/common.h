@@ -12,6 +12,12 @@
 
 #define GOLDEN UINT64_C(0x9e3779b97f4a7c15)
 
+/* Pacing: a schedule more than BEHIND_RESET_NS late (the guest was starved) or more
+ * than AHEAD_RESET_NS early (the monotonic clock stepped back, as it can across a
+ * migration under TCG) is restarted instead of sprinting or sleeping the difference. */
+#define BEHIND_RESET_NS 100000000LL
+#define AHEAD_RESET_NS 1000000000LL
+
 static void say(const char *fmt, ...)
 {
     char line[256];

@@ -62,7 +62,6 @@
 #define HEADER_SIZE 32
 #define MIN_SIZE 512
 #define MAX_SIZE (1024 * 1024)
-#define BEHIND_RESET_NS 100000000LL
 #define OPEN_WAIT_S 15
 
 static volatile sig_atomic_t stop_requested;
@@ -241,7 +240,7 @@ int main(int argc, char **argv)
         ack = seq;
 
         int64_t now = now_ns();
-        if (now - last_print >= 1000000000LL) {
+        if (now - last_print >= 1000000000LL || now < last_print) {
             say("DISKWRITE ack=%" PRIu64, ack);
             last_print = now;
         }
@@ -249,7 +248,7 @@ int main(int argc, char **argv)
             sched_done++;
             int64_t due = sched_start + (int64_t)(sched_done / rate) * 1000000000LL +
                           (int64_t)((sched_done % rate) * 1000000000ULL / rate);
-            if (now - due > BEHIND_RESET_NS) {
+            if (now - due > BEHIND_RESET_NS || due - now > AHEAD_RESET_NS) {
                 sched_start = now;
                 sched_done = 0;
             } else if (due > now) {

@@ -44,7 +44,6 @@
 
 #define MAGIC UINT64_C(0x564d47544f554348) /* "VMGTOUCH" */
 #define MAX_FAIL_LINES 5
-#define BEHIND_RESET_NS 100000000LL
 
 static uint64_t page_seed(uint64_t index, uint64_t gen)
 {
@@ -177,7 +176,10 @@ int main(int argc, char **argv)
                 int64_t due = sched_start + (int64_t)(sched_done / rate) * 1000000000LL +
                               (int64_t)((sched_done % rate) * 1000000000ULL / rate);
                 int64_t now = now_ns();
-                if (now - due > BEHIND_RESET_NS) {
+                /* Far behind (the guest was starved), or far ahead: the clock stepped
+                 * back, as it can across a migration. Either way restart the schedule
+                 * rather than sprint or sleep for the difference. */
+                if (now - due > BEHIND_RESET_NS || due - now > AHEAD_RESET_NS) {
                     sched_start = now;
                     sched_done = 0;
                 } else if (due > now) {
@@ -189,7 +191,7 @@ int main(int argc, char **argv)
         if (bad_pages) {
             say("MEMCHECK FAIL pass=%" PRIu64 " bad_pages=%" PRIu64, pass, bad_pages);
             last_print = now;
-        } else if (now - last_print >= 1000000000LL) {
+        } else if (now - last_print >= 1000000000LL || now < last_print) {
             say("MEMCHECK pass=%" PRIu64 " ok", pass);
             last_print = now;
         }
