@@ -287,12 +287,6 @@ def test_is_static_elf() -> None:
     assert not image_mod._is_static_elf(Path(sys.executable).resolve().read_bytes())
 
 
-def test_pvh_vmlinux_rejects_non_kernels() -> None:
-    assert image_mod._pvh_vmlinux(b"") is None
-    assert image_mod._pvh_vmlinux(b"\0" * 4096) is None
-    assert not image_mod._has_pvh_note(b"\x7fELF" + b"\0" * 100)
-
-
 def test_collect_modules_orders_by_depends(tmp_path: Path) -> None:
     def module(depends: str) -> bytes:
         return b"\x7fELF junk\x00license=GPL\x00depends=" + depends.encode() + b"\x00name=x\x00"

@@ -5,12 +5,13 @@
 ``kernel``
     The kernel of Debian's ``linux-image-amd64`` (the real package it depends
     on is downloaded with ``apt-get download`` and unpacked, never installed).
-    When the kernel supports PVH boot, this is the uncompressed ELF
-    ``vmlinux`` taken out of ``/boot/vmlinuz-*``: QEMU then enters it directly,
-    which skips the real-mode setup and the in-guest xz decompression and
-    brings a TCG guest to ``/init`` in about 3 s instead of 9 s.  Otherwise
-    it is the ``vmlinuz`` bzImage as shipped.  Either way QEMU takes it with
-    ``-kernel``.
+    It is the ``vmlinuz`` bzImage as shipped, taken with ``-kernel``. (The
+    uncompressed PVH ``vmlinux`` inside it boots a TCG guest in 3 s instead of
+    9 s, but QEMU then writes the kernel straight into guest RAM, on the
+    destination of a migration too: after a post-copy switch those pages are
+    never fetched from the source, and the guest crashed in kernel text. With
+    the bzImage, firmware copies the kernel in at boot and the destination's
+    RAM stays empty until migrated.)
 ``initramfs.cpio.gz``
     A gzip'd newc cpio archive: the static busybox of ``busybox-static`` with
     its applet links, ``/init`` (``guest/init``), the virtio modules in load
@@ -43,7 +44,6 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -73,7 +73,7 @@ INITRD_FILE = "initramfs.cpio.gz"
 STAMP_FILE = "image.json"
 
 #: Bump when the way the image is assembled changes (it is part of the stamp).
-BUILD_FORMAT = 2
+BUILD_FORMAT = 3
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -513,14 +513,11 @@ def _build(
     initrd = _initramfs(modules, programs)
 
     bzimage = vmlinuz[0].read_bytes()
-    elf = _pvh_vmlinux(bzimage)
-    if elf is None:
-        say("kernel has no PVH entry: using the bzImage")
     try:
         (directory / STAMP_FILE).unlink(missing_ok=True)
     except OSError as exc:
         raise LabError(f"cannot remove the old stamp in {directory}: {exc}") from exc
-    _install(directory / KERNEL_FILE, elf if elf is not None else bzimage)
+    _install(directory / KERNEL_FILE, bzimage)
     _install(directory / INITRD_FILE, initrd)
     stamp: dict[str, Any] = {
         "format": BUILD_FORMAT,
@@ -528,7 +525,7 @@ def _build(
         "kernel_package": package,
         "kernel_version": version,
         "kernel_release": release,
-        "kernel_format": "elf-pvh" if elf is not None else "bzimage",
+        "kernel_format": "bzimage",
         "modules": [name for name, _data in modules],
     }
     _install(directory / STAMP_FILE, (json.dumps(stamp, indent=2) + "\n").encode())
@@ -582,45 +579,6 @@ def _is_static_elf(data: bytes) -> bool:
     """True for a 64-bit little-endian ELF file without a PT_INTERP segment."""
     headers = _program_headers(data)
     return headers is not None and all(p_type != 3 for p_type, _o, _s in headers)
-
-
-def _pvh_vmlinux(bzimage: bytes) -> bytes | None:
-    """The uncompressed ELF kernel inside a bzImage, if it has a PVH entry point.
-
-    Returns None when the payload cannot be found or decompressed in-process
-    (only xz and gzip are tried) or the ELF has no ``XEN_ELFNOTE_PHYS32_ENTRY``.
-    """
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        return None
-    setup_sects = bzimage[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = bzimage[start : start + payload_length]
-    try:
-        if payload.startswith(b"\xfd7zXZ\x00"):
-            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-        elif payload.startswith(b"\x1f\x8b"):
-            elf = zlib.decompressobj(wbits=31).decompress(payload)
-        else:
-            return None
-    except (lzma.LZMAError, zlib.error):
-        return None
-    return elf if _has_pvh_note(elf) else None
-
-
-def _has_pvh_note(elf: bytes) -> bool:
-    """Whether a 64-bit little-endian ELF file carries Xen note 18 (PHYS32_ENTRY)."""
-    for p_type, p_offset, p_filesz in _program_headers(elf) or []:
-        if p_type != 4:  # PT_NOTE
-            continue
-        pos, end = p_offset, min(p_offset + p_filesz, len(elf))
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz]
-            if name == b"Xen\x00" and ntype == 18:
-                return True
-            pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
-    return False
 
 
 _MODINFO_DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
