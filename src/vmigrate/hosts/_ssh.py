@@ -16,6 +16,24 @@ import asyncssh
 from vmigrate.errors import HostError, HostUnreachableError
 from vmigrate.hosts._base import Host
 
+_FWD_PREFIX = "vmigrate-fwd-"
+
+
+def _sweep_stale_forward_dirs() -> None:
+    """Remove forwarding directories left by controllers that died (SIGKILL leaves
+    no chance to clean up); each is named after the PID that made it."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_FWD_PREFIX):
+            continue
+        pid = name[len(_FWD_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
 
 class SSHHost(Host):
     """A host reached through one multiplexed SSH connection, opened lazily."""
@@ -107,7 +125,8 @@ class SSHHost(Host):
     @asynccontextmanager
     async def unix_socket(self, remote_path: str) -> AsyncIterator[str]:
         conn = await self._connection()
-        tmpdir = tempfile.mkdtemp(prefix="vmigrate-fwd-")
+        _sweep_stale_forward_dirs()
+        tmpdir = tempfile.mkdtemp(prefix=f"{_FWD_PREFIX}{os.getpid()}-")
         local = os.path.join(tmpdir, "sock")
         try:
             listener = await conn.forward_local_path(local, remote_path)
