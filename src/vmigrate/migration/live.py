@@ -585,6 +585,8 @@ class LiveMigration:
                 return
             await asyncio.sleep(1)
         self.report.verification.memcheck = "none"
+        text = await process.read_console(self.dst, self.dst_cfg, self.vm)
+        self.report.verification.console_tail = text.splitlines()[-20:]
 
     async def _confirm(self) -> None:
         self._phase("confirm")

@@ -18,6 +18,8 @@ class Verification(BaseModel):
     #: lab guests running memtouch: "ok", "fail", or None where not applicable
     memcheck: str | None = None
     memcheck_line: str | None = None
+    #: when no verdict came in time: the last lines of the destination's console
+    console_tail: list[str] | None = None
     source_running: bool | None = None  # after a rollback: the source runs on
     dest_clean: bool | None = None  # after a rollback: nothing left on the destination
 
