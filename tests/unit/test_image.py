@@ -140,19 +140,19 @@ def _cmdline_args(cmdline: str) -> dict[str, str]:
 def test_kernel_cmdline_round_trip() -> None:
     w = parse_workload("memtouch:wss=64M,rate=5000")
     line = kernel_cmdline(ip="10.242.1.100/24", gateway="10.242.1.1", workload=w, extra="quiet")
-    assert line.startswith("console=ttyS0 panic=-1 ")
+    assert line.startswith("console=ttyS0 panic=-1 pti=on ")
     assert line.endswith(" quiet")
     args = _cmdline_args(line)
     assert args["vmigrate.ip"] == "10.242.1.100/24"
     assert args["vmigrate.gw"] == "10.242.1.1"
     assert parse_workload(args["vmigrate.workload"]) == w
-    assert len(line.split()) == 6
+    assert len(line.split()) == 7
 
 
 def test_kernel_cmdline_minimal() -> None:
-    assert kernel_cmdline() == "console=ttyS0 panic=-1"
+    assert kernel_cmdline() == "console=ttyS0 panic=-1 pti=on"
     line = kernel_cmdline(workload=parse_workload("idle"))
-    assert line == "console=ttyS0 panic=-1 vmigrate.workload=idle"
+    assert line == "console=ttyS0 panic=-1 pti=on vmigrate.workload=idle"
 
 
 @pytest.mark.parametrize(

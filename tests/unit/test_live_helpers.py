@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
-from vmigrate.migration.live import last_memcheck_pass
+from vmigrate.migration.live import find_guest_crash, last_memcheck_pass
 
 
 def test_last_memcheck_pass() -> None:
     log = "boot\nMEMCHECK pass=1 ok\nVMIGRATE HEARTBEAT n=3\nMEMCHECK pass=12 ok\nMEMCHECK pa"
     assert last_memcheck_pass(log) == 12
     assert last_memcheck_pass("VMIGRATE READY\n") == 0
+
+
+def test_find_guest_crash() -> None:
+    assert find_guest_crash("MEMCHECK pass=40 ok\nVMIGRATE HEARTBEAT n=3\n") is None
+    oops = ("MEMCHECK pass=40 ok\n[   65.46] list_add corruption. next->prev should be prev\n"
+            "[   65.46] kernel BUG at lib/list_debug.c:27!\n[   65.49] Kernel panic - not "
+            "syncing: Fatal exception in interrupt\n")
+    assert find_guest_crash(oops) == "kernel BUG at lib/list_debug.c:27!"
+    reboot = "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists) #1 SMP\n"
+    line = find_guest_crash(reboot)
+    assert line is not None and line.startswith("Linux version 6.1.0-56-amd64")
+    assert find_guest_crash("BUG: kernel NULL pointer dereference, address: 0\n") == (
+        "BUG: kernel NULL pointer dereference, address: 0")
+
+
+def test_verification_failed() -> None:
+    from vmigrate.migration.report import Verification
+
+    assert not Verification().failed
+    assert not Verification(dest_running=True, memcheck="ok", answers_ping=True).failed
+    assert not Verification(memcheck="none").failed  # no verdict is not a failure
+    assert Verification(memcheck="fail").failed
+    assert Verification(memcheck="exited").failed
+    assert Verification(guest_crash="Kernel panic - not syncing: x").failed
+    assert Verification(answers_ping=False).failed

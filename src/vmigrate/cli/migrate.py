@@ -156,7 +156,9 @@ def migrate(
     """Move a running VM to another host and print the migration report.
 
     Exit status 0 when the migration completed, 1 when it failed or was cancelled
-    (the source runs on and the destination is clean), 4 when it needs an operator.
+    (the source runs on and the destination is clean), 4 when it needs an operator,
+    5 when the VM moved but the checks after the switchover failed (the guest
+    crashed or rebooted on the destination, or the lab guest's memory check failed).
     """
     if mode != "live":
         raise UserError(f"mode {mode!r} is not available yet; use --mode live")
@@ -185,6 +187,11 @@ def migrate(
         render_report(data)
     if report.status != "completed":
         raise typer.Exit(4 if report.status == "needs-operator" else 1)
+    if report.verification.failed:
+        err.print(f"error: {name} now runs on {to} but did not arrive intact: "
+                  f"{report.verification.memcheck_line or report.verification.guest_crash}",
+                  highlight=False)
+        raise typer.Exit(5)
 
 
 def _job_row(j: JobRecord) -> dict[str, Any]:

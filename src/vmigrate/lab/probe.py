@@ -140,6 +140,8 @@ class ProbeResult:
     #: ping stopped on its own (its ``-w`` deadline) before :meth:`DowntimeProbe.stop`:
     #: the probe may not have covered the whole event
     deadline_hit: bool = False
+    #: Unix time of the last reply (None: no reply at all)
+    last_reply: float | None = None
 
     @property
     def loss(self) -> float:
@@ -284,7 +286,8 @@ class DowntimeProbe:
             longest, start = duration * 1000.0, None
         else:
             longest, start = gap.longest_ms, gap.start
-        self.result = ProbeResult(sent, received, longest, start, duration, deadline_hit)
+        self.result = ProbeResult(sent, received, longest, start, duration, deadline_hit,
+                                  gap.last)
         return self.result
 
     async def astop(self) -> ProbeResult:

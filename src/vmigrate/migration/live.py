@@ -43,6 +43,7 @@ from vmigrate.config import HostConfig, Inventory
 from vmigrate.errors import (
     EnvironmentError_,
     HostError,
+    LabError,
     QmpError,
     StateError,
     UserError,
@@ -79,6 +80,8 @@ PORT_RANGE = (49152, 60999)
 QMP_TIMEOUT_S = 20.0
 #: how long to wait for the lab guest's first memory-check verdict on the destination
 MEMCHECK_WAIT_S = 60.0
+#: how long the guest may stay silent to ping once it runs on the destination
+PING_WAIT_S = 30.0
 
 
 class MigrationFailed(VmigrateError):
@@ -175,6 +178,10 @@ class LiveMigration:
         self.setup: MigrationSetup | None = None
         self.uri = ""
         self.probe: DowntimeProbe | None = None
+        #: where the destination's console log stood before its QEMU started
+        self._dst_log_from = 0
+        #: the lab guest's last memory-check pass seen on the source before migrating
+        self._src_pass = 0
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -310,6 +317,7 @@ class LiveMigration:
         assert self.setup is not None
         self._phase("prepare")
         self._cleanups.append(("remove the incoming VM on the destination", self._clean_dest))
+        self._dst_log_from = await process.console_size(self.dst, self.dst_cfg, self.vm)
         await process.start_vm(self.dst, self.dst_cfg, self.spec, incoming="defer")
         paths = process.vm_paths(self.dst_cfg, self.vm)
         async with qmp_session(self.dst, paths.qmp, vm=self.vm) as qmp:
@@ -367,6 +375,9 @@ class LiveMigration:
         if self.opts.tls:
             params["tls-creds"] = self._tls_id
         await qmp.execute("migrate-set-parameters", params)
+        if self._memtouch:
+            self._src_pass = last_memcheck_pass(
+                await process.read_console(self.src, self.src_cfg, self.vm, lines=200))
         self._start_probe()
         self._cleanups.append(("cancel the migration on the source", self._cancel_source))
         self._migrating = True
@@ -513,11 +524,28 @@ class LiveMigration:
         self.probe.start()
         self._cleanups.append(("stop the downtime probe", self._stop_probe))
 
+    async def _await_ping(self) -> None:
+        """Before the probe stops: wait for the guest to answer from the destination,
+        so a silence that outlasts the switchover is measured, not cut short."""
+        if self.probe is None:
+            return
+        try:
+            await asyncio.to_thread(self.probe.wait_reply, PING_WAIT_S,
+                                    self.probe.replies() + 1)
+            self.report.verification.answers_ping = True
+        except LabError as exc:
+            self.report.verification.answers_ping = False
+            self._decision("no-ping-reply", error=str(exc))
+
     async def _stop_probe(self) -> None:
         if self.probe is not None:
             result = await asyncio.to_thread(self.probe.stop)
             self.probe = None
             self.report.observed_downtime_ms = result.longest_gap_ms
+            if self.report.verification.answers_ping is False and result.last_reply:
+                # silent since its last reply: that silence is the downtime so far
+                self.report.observed_downtime_ms = max(
+                    result.longest_gap_ms, (time.time() - result.last_reply) * 1000.0)
             self.report.probe = {"sent": result.sent, "received": result.received,
                                  "duration_s": result.duration_s}
 
@@ -536,13 +564,20 @@ class LiveMigration:
 
     # -- finish and confirm --------------------------------------------------------------
 
+    @property
+    def _memtouch(self) -> bool:
+        return (self.spec.workload or "").startswith("memtouch")
+
+    async def _dest_console(self) -> str:
+        """What the destination guest printed (its console from our QEMU's start)."""
+        return await process.read_console(self.dst, self.dst_cfg, self.vm,
+                                          offset=self._dst_log_from)
+
     async def _finish(self) -> None:
         assert self.dst_qmp is not None
         self._phase("finish")
-        memtouch = (self.spec.workload or "").startswith("memtouch")
-        if memtouch:  # what the log holds now may predate the switchover
-            seen = last_memcheck_pass(await process.read_console(self.dst, self.dst_cfg,
-                                                                 self.vm))
+        if self._memtouch:  # what the log holds now may predate the switchover
+            seen = max(self._src_pass, last_memcheck_pass(await self._dest_console()))
         status = await self._wait_run_state(self.dst_qmp, 30)
         if status == "paused" and self._paused_source:
             await self.dst_qmp.execute("cont")  # we paused it to converge: resume it
@@ -552,9 +587,12 @@ class LiveMigration:
                              f"is {status}, not running")
         self.store.set_vm_host(self.vm, self.dst_cfg.name)
         self.report.verification.dest_running = True
+        await self._await_ping()
         await self._stop_probe()
-        if memtouch:
+        if self._memtouch:
             await self._memcheck(after_pass=seen)
+        else:
+            self._check_crash(await self._dest_console())
 
     @staticmethod
     async def _wait_run_state(qmp: QmpSession, timeout: float) -> str:
@@ -567,13 +605,31 @@ class LiveMigration:
                 return status
             await asyncio.sleep(0.2)
 
+    def _check_crash(self, text: str) -> bool:
+        """A kernel crash or a fresh boot on the destination console means the guest
+        did not survive the move (memory lost or corrupted): record it."""
+        line = find_guest_crash(text)
+        if line is None:
+            return False
+        self.report.verification.guest_crash = line
+        self.report.verification.console_tail = text.splitlines()[-20:]
+        self._decision("guest-crash", line=line)
+        return True
+
     async def _memcheck(self, after_pass: int) -> None:
         """The lab guest's memory workload verifies every page on each pass: wait for
         the verdict of a pass that ran on the destination (numbered above
-        ``after_pass``, the last one in the log when the switchover was seen)."""
+        ``after_pass``: the last pass seen on the source before migrating, or on the
+        destination when the switchover was seen). A crash or a reboot on the
+        destination is a failed check: a rebooted guest starts counting again."""
         deadline = time.monotonic() + MEMCHECK_WAIT_S
+        text = ""
         while time.monotonic() < deadline:
-            text = await process.read_console(self.dst, self.dst_cfg, self.vm)
+            text = await self._dest_console()
+            if self._check_crash(text):
+                self.report.verification.memcheck = "fail"
+                self.report.verification.memcheck_line = self.report.verification.guest_crash
+                return
             for match in _MEMCHECK.finditer(text):
                 if match.group("pass") and int(match.group("pass")) <= after_pass:
                     continue
@@ -585,7 +641,6 @@ class LiveMigration:
                 return
             await asyncio.sleep(1)
         self.report.verification.memcheck = "none"
-        text = await process.read_console(self.dst, self.dst_cfg, self.vm)
         self.report.verification.console_tail = text.splitlines()[-20:]
 
     async def _confirm(self) -> None:
@@ -630,6 +685,18 @@ class LiveMigration:
 
 _MEMCHECK = re.compile(
     r"MEMCHECK pass=(?P<pass>\d+) (?P<verdict>ok|FAIL).*|VMIGRATE WORKLOAD EXIT.*")
+
+
+#: what a guest prints when it crashed, or when it booted afresh (a reset)
+_CRASH = re.compile(
+    r"Kernel panic - not syncing.*|kernel BUG at.*|BUG: (?:unable to handle|kernel).*"
+    r"|Oops: .*|general protection fault.*|Linux version \S+.*")
+
+
+def find_guest_crash(text: str) -> str | None:
+    """The first console line telling that the guest crashed or booted afresh."""
+    match = _CRASH.search(text)
+    return match.group(0).strip() if match else None
 
 
 def last_memcheck_pass(text: str) -> int:

@@ -15,13 +15,24 @@ class Verification(BaseModel):
     """What was checked after the switchover."""
 
     dest_running: bool | None = None
+    #: the guest answered the probe's ping after it ran on the destination (lab guests
+    #: with an address; None where there is no probe)
+    answers_ping: bool | None = None
     #: lab guests running memtouch: "ok", "fail", or None where not applicable
     memcheck: str | None = None
     memcheck_line: str | None = None
-    #: when no verdict came in time: the last lines of the destination's console
+    #: a kernel crash or a fresh boot seen on the destination console (the line)
+    guest_crash: str | None = None
+    #: when no verdict came in time, or the guest crashed: the console's last lines
     console_tail: list[str] | None = None
     source_running: bool | None = None  # after a rollback: the source runs on
     dest_clean: bool | None = None  # after a rollback: nothing left on the destination
+
+    @property
+    def failed(self) -> bool:
+        """The VM moved but did not arrive intact (crashed, or a page check failed)."""
+        return (self.guest_crash is not None or self.memcheck in ("fail", "exited")
+                or self.answers_ping is False)
 
 
 class MigrationReport(BaseModel):

@@ -210,15 +210,27 @@ async def remove_vm_dir(host: Host, host_cfg: HostConfig, name: str) -> None:
     await host.run(["rm", "-rf", "--", vm_paths(host_cfg, name).dir])
 
 
-async def read_console(host: Host, host_cfg: HostConfig, name: str, lines: int | None = None
-                       ) -> str:
-    """The VM's serial console log (the last ``lines`` lines if given)."""
-    log = vm_paths(host_cfg, name).console_log
-    if lines is None:
-        res = await host.sh(f"cat {shlex.quote(log)} 2>/dev/null", check=False)
+async def read_console(host: Host, host_cfg: HostConfig, name: str, lines: int | None = None,
+                       *, offset: int = 0) -> str:
+    """The VM's serial console log: from byte ``offset`` on, or only its last
+    ``lines`` lines if given."""
+    log = shlex.quote(vm_paths(host_cfg, name).console_log)
+    if lines is not None:
+        cmd = f"tail -n {int(lines)} {log}"
+    elif offset > 0:
+        cmd = f"tail -c +{int(offset) + 1} {log}"
     else:
-        res = await host.sh(f"tail -n {int(lines)} {shlex.quote(log)} 2>/dev/null", check=False)
+        cmd = f"cat {log}"
+    res = await host.sh(f"{cmd} 2>/dev/null", check=False)
     return res.stdout
+
+
+async def console_size(host: Host, host_cfg: HostConfig, name: str) -> int:
+    """The console log's size in bytes (0 when there is none yet)."""
+    log = shlex.quote(vm_paths(host_cfg, name).console_log)
+    res = await host.sh(f"stat -c %s {log} 2>/dev/null || echo 0", check=False)
+    text = res.stdout.strip()
+    return int(text) if text.isdigit() else 0
 
 
 def spec_json(spec: VMSpec) -> str:
