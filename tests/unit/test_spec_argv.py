@@ -78,8 +78,9 @@ def test_disk_boot_argv() -> None:
     assert _pairs(argv, "-qmp") == ["unix:/data/vms/web1/qmp.sock,server=on,wait=off"]
     assert "-daemonize" in argv
     blockdevs = _pairs(argv, "-blockdev")
-    assert "driver=file,node-name=disk0-file,filename=/img/root.qcow2,cache.direct=off" in blockdevs
-    assert "driver=qcow2,node-name=disk0,file=disk0-file,read-only=off" in blockdevs
+    assert ("driver=file,node-name=disk0-file,filename=/img/root.qcow2,cache.direct=off,"
+            "discard=unmap") in blockdevs
+    assert "driver=qcow2,node-name=disk0,file=disk0-file,read-only=off,discard=unmap" in blockdevs
     devices = _pairs(argv, "-device")
     assert "driver=virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0" in devices
     assert "virtio-scsi-pci,id=scsi0" in devices

@@ -13,6 +13,7 @@ from vmigrate.cli._common import CTX, err, out, print_json, run
 from vmigrate.config import state_home
 from vmigrate.errors import UserError
 from vmigrate.migration import live
+from vmigrate.migration.online import OnlineMigration, OnlineOptions
 from vmigrate.migration.recover import Recovery, controller_alive, recover
 from vmigrate.plan.policy import (
     MigrationOptions,
@@ -52,6 +53,7 @@ class _Display:
             self.progress = Progress(
                 TextColumn("[bold]{task.fields[phase]:<8}"),
                 BarColumn(),
+                TextColumn("{task.fields[disk]}"),
                 TextColumn("{task.fields[moved]}"),
                 TextColumn("{task.fields[rate]}"),
                 TextColumn("{task.fields[dirty]}"),
@@ -63,7 +65,8 @@ class _Display:
             )
             self.progress.__enter__()
             self.task = self.progress.add_task("migrate", total=None, phase="begin", moved="",
-                                               rate="", dirty="", iteration="-", step="")
+                                               rate="", dirty="", iteration="-", step="",
+                                               disk="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,6 +78,11 @@ class _Display:
             return
         if self.progress is not None and self.task is not None:
             fields: dict[str, Any] = {"phase": p.phase}
+            if p.disk is not None:
+                fields["disk"] = f"disks {_mib(p.disk[0])} / {_mib(p.disk[1])}"
+                if p.sample is None:
+                    self.progress.update(self.task, total=p.disk[1] or None,
+                                         completed=p.disk[0])
             if p.sample is not None:
                 s = p.sample
                 total = s.transferred + s.remaining
@@ -92,6 +100,8 @@ class _Display:
                 self.progress.console.print(f"  {p.note}")
             return
         line = p.note or (f"{p.phase}: {p.step}" if p.step else p.phase)
+        if p.disk is not None and p.disk[1]:  # one line per 10 % of the disk copy
+            line += f" ({10 * (10 * p.disk[0] // p.disk[1])} % of {_mib(p.disk[1])})"
         if line != self._last:
             err.print(f"  {line}", highlight=False)
             self._last = line
@@ -117,6 +127,12 @@ def render_report(r: dict[str, Any]) -> None:
     table.add_row("transferred / RAM", f"{_mib(r.get('bytes_transferred'))} / "
                   f"{_mib(r.get('ram_bytes'))}")
     table.add_row("iterations", str(r.get("iterations")))
+    for d in r.get("disks", []):
+        table.add_row("disk", f"{d['source']} ({d['format']}) -> {d['target']} "
+                      f"({d['target_format']}): {_mib(d.get('bytes'))} in {d.get('ready_s')} s "
+                      f"to ready ({d.get('mirror_mbps')} Mbit/s), handover "
+                      f"{d.get('handover_s')} s"
+                      + (", source deleted" if d.get("source_deleted") else ""))
     table.add_row("max throttle", f"{r.get('max_throttle_pct', 0)} %")
     if r.get("postcopy"):
         table.add_row("post-copy", f"{r.get('postcopy_time_s')} s, "
@@ -133,8 +149,19 @@ def render_report(r: dict[str, Any]) -> None:
 def migrate(
     name: Annotated[str, typer.Argument(help="VM to move.")],
     to: Annotated[str, typer.Option("--to", help="Destination host (inventory name).")],
-    mode: Annotated[str, typer.Option(help="Migration mode. Now: live (shared storage).")
-                    ] = "live",
+    mode: Annotated[str, typer.Option(
+        help="live: memory only, the disks stay where they are (shared storage). online: "
+        "memory and disks, copied over NBD into a pool of the destination (no shared "
+        "storage).")] = "live",
+    target_storage: Annotated[str | None, typer.Option(
+        help="online: the destination pool the disks go to (inventory [hosts.X.pools]); "
+        "default: local.")] = None,
+    target_format: Annotated[str | None, typer.Option(
+        help="online: raw or qcow2 for the copies (default: each disk's own format).")
+    ] = None,
+    delete_source: Annotated[bool, typer.Option(
+        "--delete-source", help="online: delete the source images once the VM runs on the "
+        "destination (kept by default).")] = False,
     policy: Annotated[str, typer.Option(
         help="Convergence policy: balanced, minimal-downtime, postcopy, suspend, or one "
         "defined under policies in the inventory.")] = "balanced",
@@ -160,8 +187,13 @@ def migrate(
     5 when the VM moved but the checks after the switchover failed (the guest
     crashed or rebooted on the destination, or the lab guest's memory check failed).
     """
-    if mode != "live":
-        raise UserError(f"mode {mode!r} is not available yet; use --mode live")
+    if mode not in ("live", "online"):
+        raise UserError(f"unknown --mode {mode!r}: use live or online")
+    if mode == "live" and (target_storage or target_format or delete_source):
+        raise UserError("--target-storage, --target-format and --delete-source need "
+                        "--mode online")
+    if target_format not in (None, "raw", "qcow2"):
+        raise UserError(f"unknown --target-format {target_format!r}: use raw or qcow2")
     if compress not in (None, "zstd", "xbzrle"):
         raise UserError(f"unknown --compress {compress!r}: use zstd or xbzrle")
     inv = CTX.inventory()
@@ -176,8 +208,15 @@ def migrate(
     )
     store = CTX.store()
     with _Display(enabled=True) as display:
-        job = live.LiveMigration(inv, store, _audit(), name, to, opts, on_progress=display)
-        err.print(f"job {job.job_id}: {name} {job.report.source} -> {to} (live, "
+        if mode == "online":
+            job: live.LiveMigration = OnlineMigration(
+                inv, store, _audit(), name, to, opts, on_progress=display,
+                online=OnlineOptions(target_storage, target_format,  # type: ignore[arg-type]
+                                     delete_source))
+        else:
+            job = live.LiveMigration(inv, store, _audit(), name, to, opts,
+                                     on_progress=display)
+        err.print(f"job {job.job_id}: {name} {job.report.source} -> {to} ({mode}, "
                   f"policy {pol.name})", highlight=False)
         report = run(job.run())
     data = report.model_dump(mode="json")

@@ -104,6 +104,8 @@ class Progress:
     sample: Sample | None = None
     step: str | None = None
     note: str | None = None
+    #: online migration: disk bytes copied and to copy, all disks together
+    disk: tuple[int, int] | None = None
 
 
 ProgressFn = Callable[[Progress], None]
@@ -151,6 +153,8 @@ class LiveMigration:
         self.on_progress = on_progress or (lambda p: None)
         record = store.get_vm(vm)
         self.spec = VMSpec.model_validate_json(record.spec_json)
+        #: what the destination QEMU runs (online migration points its disks elsewhere)
+        self.dest_spec: VMSpec = self.spec
         self.src_cfg: HostConfig = inventory.host(record.host)
         self.dst_cfg: HostConfig = inventory.host(dest)
         if record.host == dest:
@@ -289,7 +293,7 @@ class LiveMigration:
             raise StateError(f"VM {self.vm} is {state.value} on {self.src_cfg.name}; "
                              "live migration needs it running")
         await self.dst.run(["true"], timeout=20)  # reachable (raises HostUnreachableError)
-        await process.check_files(self.dst, self.dst_cfg, self.spec)
+        await self._check_dest_files()
         if await process.vm_pid(self.dst, process.vm_paths(self.dst_cfg, self.vm)):
             raise StateError(f"a QEMU for {self.vm} already runs on {self.dst_cfg.name}")
         if self.opts.tls:
@@ -307,6 +311,7 @@ class LiveMigration:
             ver = (await qmp.execute("query-version"))["qemu"]
         version = (int(ver["major"]), int(ver["minor"]), int(ver["micro"]))
         self.setup = plan_setup(self.opts, version)
+        await self._begin_storage()
         self._decision("setup", capabilities=self.setup.capabilities,
                        parameters=self.setup.parameters, qemu=".".join(map(str, version)))
 
@@ -318,7 +323,8 @@ class LiveMigration:
         self._phase("prepare")
         self._cleanups.append(("remove the incoming VM on the destination", self._clean_dest))
         self._dst_log_from = await process.console_size(self.dst, self.dst_cfg, self.vm)
-        await process.start_vm(self.dst, self.dst_cfg, self.spec, incoming="defer")
+        await self._prepare_storage()
+        await process.start_vm(self.dst, self.dst_cfg, self.dest_spec, incoming="defer")
         paths = process.vm_paths(self.dst_cfg, self.vm)
         async with qmp_session(self.dst, paths.qmp, vm=self.vm) as qmp:
             if self.opts.tls:
@@ -332,6 +338,7 @@ class LiveMigration:
                 params["tls-creds"] = self._tls_id
             if params:
                 await qmp.execute("migrate-set-parameters", params)
+            await self._export_storage(qmp)
             self.uri = await self._listen(qmp, "migrate-incoming")
             yield qmp
 
@@ -379,6 +386,7 @@ class LiveMigration:
             self._src_pass = last_memcheck_pass(
                 await process.read_console(self.src, self.src_cfg, self.vm, lines=200))
         self._start_probe()
+        await self._start_storage(qmp)
         self._cleanups.append(("cancel the migration on the source", self._cancel_source))
         self._migrating = True
         t0 = time.monotonic()
@@ -405,6 +413,10 @@ class LiveMigration:
                 raise
             sample = Sample.from_query_migrate(now - t0, reply)
             status = sample.status
+            if status == "pre-switchover":  # the source is paused: hand over the disks
+                await self._switchover(qmp)
+                continue
+            await self._watch_storage(qmp)
             self.report.max_throttle_pct = max(self.report.max_throttle_pct, sample.throttle_pct)
             if sample.transferred != last_bytes:
                 last_bytes, last_move = sample.transferred, now
@@ -585,6 +597,7 @@ class LiveMigration:
         if status != "running":
             raise _Ambiguous(f"the migration completed but the guest on {self.dst_cfg.name} "
                              f"is {status}, not running")
+        await self._finish_storage()
         self.store.set_vm_host(self.vm, self.dst_cfg.name)
         self.report.verification.dest_running = True
         await self._await_ping()
@@ -650,6 +663,38 @@ class LiveMigration:
         self.src_qmp = None
         await process.stop_vm(self.src, self.src_cfg, self.spec, force=True)
         await process.remove_vm_dir(self.src, self.src_cfg, self.vm)
+        await self._confirm_storage()
+
+    # -- storage hooks: live migration leaves disks where they are (shared storage) ----
+
+    async def _check_dest_files(self) -> None:
+        """Begin: what the destination QEMU opens must be visible there."""
+        await process.check_files(self.dst, self.dst_cfg, self.dest_spec)
+
+    async def _begin_storage(self) -> None:
+        """Begin: inspect the disks and plan where they go."""
+
+    async def _prepare_storage(self) -> None:
+        """Prepare, before the destination QEMU starts: allocate its disks."""
+
+    async def _export_storage(self, qmp: QmpSession) -> None:
+        """Prepare, destination QEMU started: open the disks to the source."""
+
+    async def _start_storage(self, qmp: QmpSession) -> None:
+        """Perform, before ``migrate``: start copying the disks."""
+
+    async def _watch_storage(self, qmp: QmpSession) -> None:
+        """Perform, every sample: raise if the disk copy failed."""
+
+    async def _switchover(self, qmp: QmpSession) -> None:
+        """Perform, source paused before the switchover (``pause-before-switchover``)."""
+        await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+
+    async def _finish_storage(self) -> None:
+        """Finish, the guest runs on the destination: the VM's disks are there now."""
+
+    async def _confirm_storage(self) -> None:
+        """Confirm, the source QEMU stopped: release the source's disks."""
 
     # -- rollback ----------------------------------------------------------------------
 

@@ -66,5 +66,7 @@ class MigrationReport(BaseModel):
     postcopy_time_s: float | None = None
     postcopy_recoveries: int = 0
     paused_guest: bool = False
+    #: online migration: one entry per disk (source, target, bytes, time, throughput)
+    disks: list[dict[str, Any]] = Field(default_factory=list)
     verification: Verification = Field(default_factory=Verification)
     cleanup_errors: list[str] = Field(default_factory=list)

@@ -83,11 +83,14 @@ def build_argv(
             _opts(
                 driver="file", node_name=f"{node}-file", filename=disk.path,
                 cache__direct="on" if disk.cache in {"none", "directsync"} else "off",
+                discard="unmap",
             ),
             "-blockdev",
+            # discard=unmap: zeroes written with "may unmap" (a mirror's copy of a hole,
+            # a guest's TRIM) punch holes, so thin images stay thin
             _opts(
                 driver=disk.format, node_name=node, file=f"{node}-file",
-                read_only="on" if disk.readonly else "off",
+                read_only="on" if disk.readonly else "off", discard="unmap",
             ),
         ]
         bootindex = i if spec.kernel is None else None

@@ -174,6 +174,13 @@ class Store:
                 "UPDATE vms SET host=?, updated_at=? WHERE name=?", (host, time.time(), name)
             )
 
+    def move_vm(self, name: str, host: str, spec_json: str) -> None:
+        """The VM now runs on ``host`` with ``spec_json`` (its disks moved too): both
+        change in one transaction."""
+        with self._tx() as db:
+            db.execute("UPDATE vms SET host=?, spec=?, updated_at=? WHERE name=?",
+                       (host, spec_json, time.time(), name))
+
     def remove_vm(self, name: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM vms WHERE name=?", (name,))
