@@ -706,6 +706,8 @@ class ConvergenceController:
         actions: list[Action] = []
         if sample.status == "active":
             actions += self._track(sample)
+        if "abort" in self._done:  # a step aborted: the timeout has nothing left to do
+            return actions
         if not self._timed_out and sample.t >= self._policy.timeout_s:
             actions += self._timeout(sample)
         return actions
