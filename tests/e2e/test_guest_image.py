@@ -19,8 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.lab.image import GuestImage, Workload, build_image, kernel_cmdline, parse_workload
-from vmigrate.lab.records import verify_diskwrite_records
+from vmigrate.lab.image import (
+    GuestImage,
+    Workload,
+    build_image,
+    kernel_cmdline,
+    parse_workload,
+    parse_workloads,
+)
+from vmigrate.lab.records import last_acks, verify_diskwrite_records
 
 QEMU = "qemu-system-x86_64"
 
@@ -75,7 +82,10 @@ class Guest:
 
 @contextmanager
 def boot(
-    image: GuestImage, tmp_path: Path, workload: Workload, extra: Sequence[str] = ()
+    image: GuestImage,
+    tmp_path: Path,
+    workload: Workload | Sequence[Workload],
+    extra: Sequence[str] = (),
 ) -> Iterator[Guest]:
     log = tmp_path / "console.log"
     argv = [
@@ -105,6 +115,22 @@ def boot(
             proc.stderr.close()
 
 
+def raw_disks(tmp_path: Path, count: int, size: int = 64 * 1024 * 1024) -> list[Path]:
+    """``count`` sparse raw disk images of ``size`` bytes in ``tmp_path``."""
+    disks = []
+    for i in range(count):
+        disk = tmp_path / f"data{i}.raw"
+        with disk.open("wb") as f:
+            f.truncate(size)
+        disks.append(disk)
+    return disks
+
+
+def virtio_drives(disks: Sequence[Path]) -> list[str]:
+    """QEMU arguments attaching ``disks`` in order: /dev/vda, /dev/vdb ... in the guest."""
+    return [arg for disk in disks for arg in ("-drive", f"file={disk},format=raw,if=virtio")]
+
+
 def test_image_build_is_cached(image: GuestImage) -> None:
     stamp = image.kernel.parent / "image.json"
     before = (image.kernel.stat().st_mtime_ns, image.initrd.stat().st_mtime_ns)
@@ -129,25 +155,63 @@ def test_memtouch_guest_boots_and_verifies_memory(image: GuestImage, tmp_path: P
 def test_diskwrite_guest_acknowledged_records_are_on_disk(
     image: GuestImage, tmp_path: Path
 ) -> None:
-    disk = tmp_path / "data.raw"
-    with disk.open("wb") as f:
-        f.truncate(64 * 1024 * 1024)
+    (disk,) = raw_disks(tmp_path, 1)
     workload = parse_workload("diskwrite:dev=/dev/vda,rate=50")
-    drive = ["-drive", f"file={disk},format=raw,if=virtio"]
-    with boot(image, tmp_path, workload, drive) as guest:
+    with boot(image, tmp_path, workload, virtio_drives([disk])) as guest:
         guest.wait_for(r"^VMIGRATE READY ip=none workload=diskwrite\s*$")
         guest.wait_for(r"^DISKWRITE start dev=/dev/vda size=4096 ")
-        first = int(guest.wait_for(r"^DISKWRITE ack=(\d+)\s*$").group(1))
+        ack_line = r"^DISKWRITE ack=(\d+) dev=/dev/vda\s*$"
+        first = int(guest.wait_for(ack_line).group(1))
         deadline = time.monotonic() + 30
         last = first
         while last <= first:
             if time.monotonic() > deadline:
                 pytest.fail(f"DISKWRITE ack stuck at {first}:\n{guest.tail()}")
             time.sleep(0.5)
-            last = int(guest.wait_for(r"^DISKWRITE ack=(\d+)\s*$").group(1))
+            last = int(guest.wait_for(ack_line).group(1))
     # QEMU is dead now: everything the guest acknowledged must be on the disk.
     assert "DISKWRITE error" not in guest.text()
     assert verify_diskwrite_records(disk) >= last > first >= 1
+
+
+def test_guest_runs_memtouch_and_two_disk_writers_at_once(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    disks = raw_disks(tmp_path, 2)
+    devices = ("/dev/vda", "/dev/vdb")
+    workloads = parse_workloads(
+        "memtouch:wss=16M,rate=2000+diskwrite:dev=/dev/vda,rate=50+diskwrite:dev=/dev/vdb,rate=50"
+    )
+    with boot(image, tmp_path, workloads, virtio_drives(disks)) as guest:
+        guest.wait_for(r"^VMIGRATE READY ip=none workload=memtouch\+diskwrite\+diskwrite\s*$")
+        for dev in devices:
+            guest.wait_for(rf"^DISKWRITE start dev={dev} size=4096 ")
+        guest.wait_for(r"^MEMCHECK pass=\d+ ok\s*$")
+        # Both writers acknowledge records, and keep doing so while memtouch runs.
+        deadline = time.monotonic() + 60
+        first = last_acks(guest.text())
+        while True:
+            acks = last_acks(guest.text())
+            if all(acks.get(dev, 0) > max(first.get(dev, 0), 1) for dev in devices):
+                break
+            if time.monotonic() > deadline or guest.proc.poll() is not None:
+                pytest.fail(f"acks from both disks expected, got {acks}:\n{guest.tail()}")
+            time.sleep(0.5)
+        guest.wait_for(r"^MEMCHECK pass=\d+ ok\s*$")
+    # QEMU is dead now: every record acknowledged on a device must be on its disk.
+    text = guest.text()
+    acks = last_acks(text)
+    assert sorted(acks) == sorted(devices)
+    for dev, disk in zip(devices, disks, strict=True):
+        assert verify_diskwrite_records(disk) >= acks[dev] >= 2, dev
+    for bad in (
+        "DISKWRITE error",
+        "MEMCHECK FAIL",
+        "VMIGRATE WARN",
+        "VMIGRATE WORKLOAD EXIT",
+        "Kernel panic",
+    ):
+        assert bad not in text
 
 
 def test_memtouch_rate_is_accurate(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ def start_guest(lab: Lab, name: str, workload: str, host: str = "h1",
     res = lab.cli("vm", "create", name, "--host", host, "--memory", memory,
                   "--workload", workload)
     assert res.returncode == 0, res.stderr
-    if workload.startswith("memtouch"):
+    if "memtouch" in workload:
         wait_for_console(lab, name, r"MEMCHECK pass=\d+ ok", timeout=120)
     else:
         wait_for_console(lab, name, r"VMIGRATE READY", timeout=120)

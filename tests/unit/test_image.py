@@ -18,10 +18,12 @@ from vmigrate.lab.image import (
     GuestImage,
     Workload,
     default_image_dir,
+    format_workloads,
     image_paths,
     kernel_cmdline,
     parse_size,
     parse_workload,
+    parse_workloads,
 )
 
 
@@ -116,6 +118,97 @@ def test_effective_params_fill_defaults() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "kinds"),
+    [
+        ("idle", ["idle"]),
+        ("memtouch:wss=64M,rate=5000", ["memtouch"]),
+        (
+            "memtouch:wss=64M,rate=5000+diskwrite:dev=/dev/vda,rate=50"
+            "+diskwrite:dev=/dev/vdb,rate=20",
+            ["memtouch", "diskwrite", "diskwrite"],
+        ),
+        ("diskwrite+diskwrite:dev=/dev/vdc", ["diskwrite", "diskwrite"]),
+        ("diskwrite:dev=/dev/vda+memtouch", ["diskwrite", "memtouch"]),
+        (" memtouch + diskwrite ", ["memtouch", "diskwrite"]),
+        (
+            "memtouch+diskwrite:dev=/dev/vda+diskwrite:dev=/dev/vdb+diskwrite:dev=/dev/vdc",
+            ["memtouch", "diskwrite", "diskwrite", "diskwrite"],
+        ),
+    ],
+)
+def test_parse_workloads_good(text: str, kinds: list[str]) -> None:
+    ws = parse_workloads(text)
+    assert isinstance(ws, tuple)
+    assert [w.kind for w in ws] == kinds
+    assert ws == tuple(parse_workload(part) for part in text.split("+"))
+
+
+def test_parse_workloads_keeps_params_and_round_trips() -> None:
+    text = "memtouch:wss=64M,rate=5000+diskwrite:dev=/dev/vda,rate=50+diskwrite:dev=/dev/vdb"
+    ws = parse_workloads(text)
+    assert ws[0].params == {"wss": "64M", "rate": "5000"}
+    assert ws[1].params == {"dev": "/dev/vda", "rate": "50"}
+    assert ws[2].effective_params() == {"dev": "/dev/vdb", "rate": "50", "size": "4096"}
+    assert format_workloads(ws) == text
+    assert parse_workloads(format_workloads(ws)) == ws
+    assert format_workloads(ws[0]) == "memtouch:wss=64M,rate=5000"
+    assert format_workloads([parse_workload("idle")]) == "idle"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "+",
+        "memtouch+",
+        "+memtouch",
+        "memtouch++diskwrite",
+        "memtouch+ +diskwrite",
+        # more than four
+        "memtouch+diskwrite:dev=/dev/vda+diskwrite:dev=/dev/vdb+diskwrite:dev=/dev/vdc"
+        "+diskwrite:dev=/dev/vdd",
+        "idle+idle+idle+idle+idle",
+        # two memtouch
+        "memtouch+memtouch",
+        "memtouch:wss=16M+diskwrite+memtouch:wss=32M",
+        # two diskwrite on one device (the default dev counts)
+        "diskwrite:dev=/dev/vda+diskwrite:dev=/dev/vda",
+        "diskwrite+diskwrite",
+        "diskwrite+diskwrite:dev=/dev/vdb",
+        "diskwrite:dev=/dev/vdb,rate=1+memtouch+diskwrite:rate=2",
+        # idle runs nothing: joining it is a mistake
+        "idle+memtouch",
+        "diskwrite+idle",
+        # a bad part
+        "memtouch+diskwrite:dev=vdb",
+        "memtouch:wss=lots+diskwrite",
+        "memtouch+sleep",
+        "memtouch+diskwrite:",
+    ],
+)
+def test_parse_workloads_bad(text: str) -> None:
+    with pytest.raises(SpecError):
+        parse_workloads(text)
+
+
+def test_parse_workload_takes_one_only() -> None:
+    with pytest.raises(SpecError):
+        parse_workload("memtouch+diskwrite")
+
+
+def test_format_workloads_checks_the_combination() -> None:
+    with pytest.raises(SpecError):
+        format_workloads([])
+    with pytest.raises(SpecError):
+        format_workloads([Workload("memtouch"), Workload("memtouch")])
+    with pytest.raises(SpecError):
+        format_workloads([Workload("diskwrite"), Workload("diskwrite", {"dev": "/dev/vdb"})])
+    with pytest.raises(SpecError):
+        format_workloads([Workload("idle")] * 5)
+
+
+@pytest.mark.parametrize(
     ("text", "size"),
     [("4096", 4096), ("4K", 4096), ("4k", 4096), ("64M", 64 << 20), ("1G", 1 << 30)],
 )
@@ -153,6 +246,26 @@ def test_kernel_cmdline_minimal() -> None:
     assert kernel_cmdline() == "console=ttyS0 panic=-1 pti=on"
     line = kernel_cmdline(workload=parse_workload("idle"))
     assert line == "console=ttyS0 panic=-1 pti=on vmigrate.workload=idle"
+
+
+def test_kernel_cmdline_several_workloads() -> None:
+    text = "memtouch:wss=64M,rate=5000+diskwrite:dev=/dev/vda,rate=50+diskwrite:dev=/dev/vdb"
+    ws = parse_workloads(text)
+    line = kernel_cmdline(ip="10.242.1.100/24", workload=ws)
+    args = _cmdline_args(line)
+    assert args["vmigrate.workload"] == text
+    assert parse_workloads(args["vmigrate.workload"]) == ws
+    assert len(line.split()) == 5  # one token: the kernel splits its command line on spaces
+    assert kernel_cmdline(workload=list(ws)) == kernel_cmdline(workload=ws)
+    single = parse_workload("diskwrite:dev=/dev/vda")
+    assert kernel_cmdline(workload=(single,)) == kernel_cmdline(workload=single)
+
+
+def test_kernel_cmdline_refuses_workloads_that_cannot_run_together() -> None:
+    with pytest.raises(SpecError):
+        kernel_cmdline(workload=(Workload("memtouch"), Workload("memtouch")))
+    with pytest.raises(SpecError):
+        kernel_cmdline(workload=())
 
 
 @pytest.mark.parametrize(

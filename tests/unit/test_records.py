@@ -12,6 +12,7 @@ from vmigrate.errors import SpecError
 from vmigrate.lab.records import (
     MAGIC,
     encode_diskwrite_record,
+    last_acks,
     splitmix64,
     verify_diskwrite_records,
 )
@@ -88,3 +89,43 @@ def test_verify_full_disk(tmp_path: Path) -> None:
     path = tmp_path / "d"
     path.write_bytes(b"".join(recs))
     assert verify_diskwrite_records(path) == 4
+
+
+def test_last_acks_per_device() -> None:
+    console = (
+        "VMIGRATE READY ip=none workload=memtouch+diskwrite+diskwrite\n"
+        "DISKWRITE start dev=/dev/vda size=4096 rate=50 run=00000000000000ab capacity=16384\r\n"
+        "DISKWRITE start dev=/dev/vdb size=4096 rate=20 run=00000000000000cd capacity=16384\n"
+        "MEMCHECK pass=1 ok\n"
+        "DISKWRITE ack=48 dev=/dev/vda\r\n"
+        "DISKWRITE ack=19 dev=/dev/vdb\n"
+        "[   12.345678] random: crng init done\n"
+        "DISKWRITE ack=97 dev=/dev/vda\n"
+        "DISKWRITE ack=40 dev=/dev/vdb\n"
+    )
+    assert last_acks(console) == {"/dev/vda": 97, "/dev/vdb": 40}
+
+
+def test_last_acks_started_full_and_restarted() -> None:
+    console = (
+        "DISKWRITE start dev=/dev/vdc size=512 rate=0 run=0000000000000001 capacity=8\n"
+        "DISKWRITE start dev=/dev/vdb size=4096 rate=50 run=0000000000000002 capacity=9\n"
+        "DISKWRITE ack=5 dev=/dev/vdb\n"
+        "DISKWRITE full ack=9 dev=/dev/vdb\n"
+        "DISKWRITE ack=9 dev=/dev/vdb\n"
+        "DISKWRITE start dev=/dev/vdb size=4096 rate=50 run=0000000000000003 capacity=9\n"
+        "DISKWRITE ack=2 dev=/dev/vdb\n"
+    )
+    # vdc started but acknowledged nothing yet; vdb's restart does not lower its figure.
+    assert last_acks(console) == {"/dev/vdc": 0, "/dev/vdb": 9}
+
+
+def test_last_acks_ignores_other_lines() -> None:
+    console = (
+        "DISKWRITE ack=7\n"  # no dev=: an image from before dev= was added
+        "DISKWRITE error dev=/dev/vdb: fdatasync seq=8: Input/output error\n"
+        "VMIGRATE WORKLOAD EXIT kind=diskwrite status=1\n"
+        "DISKWRITE ack=x dev=/dev/vdb\n"
+    )
+    assert last_acks(console) == {}
+    assert last_acks("") == {}

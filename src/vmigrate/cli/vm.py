@@ -72,7 +72,8 @@ def create(
         str | None,
         typer.Option(
             help="Boot the lab guest image running this workload: idle, "
-            "memtouch[:wss=256M,rate=50000] (pages/s) or diskwrite[:dev=/dev/vdb,rate=50].",
+            "memtouch[:wss=256M,rate=50000] (pages/s) or diskwrite[:dev=/dev/vdb,rate=50]; "
+            "join several with '+' (memtouch:wss=64M+diskwrite:dev=/dev/vda).",
         ),
     ] = None,
     ip: Annotated[

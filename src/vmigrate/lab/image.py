@@ -23,7 +23,8 @@ hash of the guest sources and the kernel package and version.  A build whose
 inputs are unchanged returns at once.
 
 The guest is configured on the kernel command line (:func:`kernel_cmdline`):
-its address, gateway and workload (:class:`Workload`).  What the guest prints
+its address, gateway and workloads (:class:`Workload`; several run at once when
+joined with ``+``, see :func:`parse_workloads`).  What the guest prints
 on its console is documented in ``guest/init``, ``guest/memtouch.c`` and
 ``guest/diskwrite.c``; the records ``diskwrite`` writes are read back by
 :mod:`vmigrate.lab.records`.
@@ -60,10 +61,12 @@ __all__ = [
     "WorkloadKind",
     "build_image",
     "default_image_dir",
+    "format_workloads",
     "image_paths",
     "kernel_cmdline",
     "parse_size",
     "parse_workload",
+    "parse_workloads",
 ]
 
 IMAGE_DIR_ENV = "VMIGRATE_IMAGE_DIR"
@@ -98,6 +101,11 @@ WORKLOAD_DEFAULTS: Mapping[str, Mapping[str, str]] = {
     "diskwrite": {"dev": "/dev/vdb", "rate": "50", "size": "4096"},
     "idle": {},
 }
+
+#: How many workloads one guest may run at once (``memtouch+diskwrite+...``).
+MAX_WORKLOADS = 4
+#: What joins several workloads in their text form.
+WORKLOAD_SEPARATOR = "+"
 
 _SIZE_RE = re.compile(r"([0-9]{1,15})([KkMmGg]?)")
 _INT_RE = re.compile(r"[0-9]{1,12}")
@@ -203,7 +211,8 @@ def parse_workload(text: str) -> Workload:
 
     Kinds: ``memtouch`` (``wss`` size, ``rate`` pages/s, 0 = flat out),
     ``diskwrite`` (``dev`` path, ``rate`` records/s, ``size`` bytes per record)
-    and ``idle``.  Raises :class:`SpecError` on anything else.
+    and ``idle``.  Raises :class:`SpecError` on anything else.  One workload
+    only: :func:`parse_workloads` reads several joined with ``+``.
     """
     kind, sep, rest = text.strip().partition(":")
     if kind not in _KINDS:
@@ -222,17 +231,75 @@ def parse_workload(text: str) -> Workload:
     return Workload(kind, params)  # type: ignore[arg-type]  # checked against _KINDS above
 
 
+def _check_together(workloads: Sequence[Workload]) -> None:
+    """Raise :class:`SpecError` unless ``workloads`` can run in one guest at once."""
+    if not workloads:
+        raise SpecError("no workload given")
+    if len(workloads) > MAX_WORKLOADS:
+        raise SpecError(f"{len(workloads)} workloads: at most {MAX_WORKLOADS} run at once")
+    kinds = [w.kind for w in workloads]
+    if len(workloads) > 1 and "idle" in kinds:
+        raise SpecError("idle runs nothing: it cannot be joined with other workloads")
+    if kinds.count("memtouch") > 1:
+        raise SpecError("at most one memtouch workload per guest")
+    devices: set[str] = set()
+    for w in workloads:
+        if w.kind == "diskwrite":
+            dev = w.effective_params()["dev"]
+            if dev in devices:
+                raise SpecError(f"two diskwrite workloads on {dev}: give each its own dev=")
+            devices.add(dev)
+
+
+def parse_workloads(text: str) -> tuple[Workload, ...]:
+    """Parse one workload or several joined with ``+``, each as :func:`parse_workload`.
+
+    E.g. ``memtouch:wss=64M,rate=5000+diskwrite:dev=/dev/vda+diskwrite:dev=/dev/vdb``;
+    the guest starts them all at once.  Raises :class:`SpecError` when a part
+    is bad or empty, when there are more than :data:`MAX_WORKLOADS`, when
+    ``idle`` is joined with anything, when ``memtouch`` appears twice, or when
+    two ``diskwrite`` share a device (their default ``dev`` included).
+    :func:`format_workloads` gives the text back.
+    """
+    parts = text.strip().split(WORKLOAD_SEPARATOR)
+    if len(parts) > MAX_WORKLOADS:
+        raise SpecError(
+            f"workload {text!r}: {len(parts)} parts, at most {MAX_WORKLOADS} run at once"
+        )
+    workloads: list[Workload] = []
+    for part in parts:
+        if not part.strip():
+            raise SpecError(f"workload {text!r}: empty part between '+'")
+        workloads.append(parse_workload(part))
+    _check_together(workloads)
+    return tuple(workloads)
+
+
+def format_workloads(workloads: Workload | Sequence[Workload]) -> str:
+    """The text form :func:`parse_workloads` reads back (parts joined with ``+``).
+
+    Raises :class:`SpecError` when the workloads cannot run together (the
+    rules of :func:`parse_workloads`; an empty sequence included).
+    """
+    seq = (workloads,) if isinstance(workloads, Workload) else tuple(workloads)
+    _check_together(seq)
+    return WORKLOAD_SEPARATOR.join(str(w) for w in seq)
+
+
 def kernel_cmdline(
     *,
     ip: str | None = None,
     gateway: str | None = None,
-    workload: Workload | None = None,
+    workload: Workload | Sequence[Workload] | None = None,
     extra: str = "",
 ) -> str:
     """The kernel command line for the lab guest.
 
-    ``ip`` is ``ADDR/PREFIX`` for eth0; ``gateway`` an address.  Raises
-    :class:`SpecError` when either is malformed.  ``extra`` is appended as is.
+    ``ip`` is ``ADDR/PREFIX`` for eth0; ``gateway`` an address; ``workload``
+    one workload or several to run at once (``vmigrate.workload=A+B``).
+    Raises :class:`SpecError` when an address is malformed or the workloads
+    cannot run together (see :func:`format_workloads`).  ``extra`` is
+    appended as is.
     """
     # pti=on: under TCG, QEMU 7.2 misses guest writes made through TLB entries that
     # stay cached across a dirty-bitmap sync, so a busy guest's kernel data can arrive
@@ -255,7 +322,7 @@ def kernel_cmdline(
             raise SpecError(f"bad gateway address {gateway!r}") from exc
         parts.append(f"vmigrate.gw={gw}")
     if workload is not None:
-        parts.append(f"vmigrate.workload={workload}")
+        parts.append(f"vmigrate.workload={format_workloads(workload)}")
     if extra.strip():
         parts.append(extra.strip())
     return " ".join(parts)

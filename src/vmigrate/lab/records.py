@@ -18,11 +18,13 @@ S-4    4      u32 CRC-32 (``zlib.crc32``) of bytes ``[0, S-4)``
 
 All integers are little-endian.  A record the guest acknowledged was written
 and synced; records are written one at a time in order, so every record
-``1..ack`` must be present and valid afterwards.
+``1..ack`` must be present and valid afterwards.  :func:`last_acks` reads the
+acknowledgements from the guest's console, one figure per device.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -39,6 +41,11 @@ GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 
 _pattern_cache: dict[int, int] = {}
+
+#: ``DISKWRITE start dev=D ...``, ``DISKWRITE ack=N dev=D``, ``DISKWRITE full ack=N dev=D``
+_CONSOLE_LINE = re.compile(
+    r"DISKWRITE (?:start (?P<start>dev=)|(?:full )?ack=(?P<ack>[0-9]+) dev=)(?P<dev>\S+)"
+)
 
 
 def splitmix64(x: int) -> int:
@@ -102,8 +109,9 @@ def verify_diskwrite_records(path: Path) -> int:
     wrote to.  Record 1 fixes the record size and run id; every later record
     must carry the same ones, its own seq, a matching CRC and the payload
     derived from its seq.  Returns 0 when record 1 is missing or invalid.
-    Compare the result with the last ``DISKWRITE ack=`` the guest printed: it
-    must be at least that.  Raises ``OSError`` when ``path`` cannot be read.
+    Compare the result with the last ``DISKWRITE ack=`` the guest printed for
+    this disk (:func:`last_acks`): it must be at least that.  Raises
+    ``OSError`` when ``path`` cannot be read.
     """
     with path.open("rb") as f:
         first = f.read(HEADER_SIZE)
@@ -124,3 +132,23 @@ def verify_diskwrite_records(path: Path) -> int:
             if not _record_ok(raw, good + 1, size, run_id):
                 return good
             good += 1
+
+
+def last_acks(console_text: str) -> dict[str, int]:
+    """Device -> the highest record seq the guest's ``diskwrite`` acknowledged on it.
+
+    ``console_text`` is what the guest printed (any part of it).  Reads the
+    ``DISKWRITE ack=N dev=D`` and ``DISKWRITE full ack=N dev=D`` lines; a
+    ``DISKWRITE start dev=D`` line puts ``D`` in the result with 0 until an ack
+    comes.  A writer that started again (a new run) never lowers a device's
+    figure: what an earlier run acknowledged was promised too.  Ack lines
+    without ``dev=`` (images built before it was added) are not counted.  Every
+    record ``1..n`` must be on device ``D``: compare with
+    :func:`verify_diskwrite_records` on its disk.
+    """
+    acks: dict[str, int] = {}
+    for m in _CONSOLE_LINE.finditer(console_text):
+        dev = m.group("dev")
+        seq = 0 if m.group("start") else int(m.group("ack"))
+        acks[dev] = max(acks.get(dev, 0), seq)
+    return acks

@@ -50,6 +50,7 @@ from vmigrate.errors import (
     VmigrateError,
 )
 from vmigrate.hosts import Host, open_host
+from vmigrate.lab.image import parse_workloads
 from vmigrate.lab.probe import DowntimeProbe
 from vmigrate.migration.report import MigrationReport
 from vmigrate.pki import QEMU_FILES
@@ -578,7 +579,8 @@ class LiveMigration:
 
     @property
     def _memtouch(self) -> bool:
-        return (self.spec.workload or "").startswith("memtouch")
+        return self.spec.workload is not None and any(
+            w.kind == "memtouch" for w in parse_workloads(self.spec.workload))
 
     async def _dest_console(self) -> str:
         """What the destination guest printed (its console from our QEMU's start)."""
@@ -729,7 +731,7 @@ class LiveMigration:
 
 
 _MEMCHECK = re.compile(
-    r"MEMCHECK pass=(?P<pass>\d+) (?P<verdict>ok|FAIL).*|VMIGRATE WORKLOAD EXIT.*")
+    r"MEMCHECK pass=(?P<pass>\d+) (?P<verdict>ok|FAIL).*|VMIGRATE WORKLOAD EXIT kind=memtouch.*")
 
 
 #: what a guest prints when it crashed, or when it booted afresh (a reset)

@@ -15,7 +15,7 @@ from typing import Any
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.errors import GuestTimeoutError, HostError, SpecError, StateError
 from vmigrate.hosts import Host, open_host
-from vmigrate.lab.image import image_paths, kernel_cmdline, parse_workload
+from vmigrate.lab.image import format_workloads, image_paths, kernel_cmdline, parse_workloads
 from vmigrate.qemu import process
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import qmp_session
@@ -119,13 +119,13 @@ class VmService:
         for text in req.disks:
             disk = parse_disk(text)
             disks.append(disk.model_copy(update={"path": _abspath(disk.path)}))
-        workload = parse_workload(req.workload) if req.workload else None
+        workloads = parse_workloads(req.workload) if req.workload else None
         nics: list[NicSpec] = [parse_nic(text, req.name, i) for i, text in enumerate(req.nics)]
         if req.nic and not nics and host_cfg.vm_bridge:
             nics.append(NicSpec(bridge=host_cfg.vm_bridge, mac=mac_for(req.name)))
         kernel: KernelBoot | None = None
         ip: str | None = None
-        if workload is not None or (req.kernel is None and not disks):
+        if workloads is not None or (req.kernel is None and not disks):
             if req.kernel is None:
                 img = image_paths()
                 req_kernel, req_initrd = str(img.kernel), str(img.initrd)
@@ -134,7 +134,8 @@ class VmService:
             cidr = self._guest_address(req, bool(nics))
             ip = cidr.split("/")[0] if cidr else None
             gateway = self.inventory.lab.gateway if self.inventory.lab else None
-            append = kernel_cmdline(ip=cidr, gateway=gateway, workload=workload, extra=req.append)
+            append = kernel_cmdline(ip=cidr, gateway=gateway, workload=workloads,
+                                    extra=req.append)
             kernel = KernelBoot(kernel=_abspath(req_kernel),
                                 initrd=_abspath(req_initrd) if req_initrd else None,
                                 append=append)
@@ -152,7 +153,7 @@ class VmService:
             disks=tuple(disks),
             nics=tuple(nics),
             kernel=kernel,
-            workload=str(req.workload) if workload else None,
+            workload=format_workloads(workloads) if workloads else None,
             ip=ip,
         )
 

@@ -34,12 +34,17 @@
  * must be on the disk and valid; record ack+1 may or may not be.  The host-side
  * check is vmigrate.lab.records.verify_diskwrite_records().
  *
- * Console output (stdout, one write(2) per line):
+ * Console output (stdout, one write(2) per line).  Every line names the device,
+ * so that the lines of several writers (one per device) can be told apart; the
+ * field after the tag comes first, as it did before dev= was added:
  *   DISKWRITE start dev=<dev> size=<S> rate=<r> run=<run id, 16 hex digits>
- *   DISKWRITE ack=<seq>          at most about once per second, and on exit
- *   DISKWRITE full ack=<seq>     the device is full: the program stops (exit 0)
- *   DISKWRITE error ...          a write or sync failed (exit 1)
+ *             capacity=<records>
+ *   DISKWRITE ack=<seq> dev=<dev>       at most about once per second, and on exit
+ *   DISKWRITE full ack=<seq> dev=<dev>  the device is full: the program stops (exit 0)
+ *   DISKWRITE error dev=<dev>: ...      bad arguments (exit 2), or a write or
+ *                                       sync failed (exit 1)
  * SIGTERM/SIGINT make it print the last ack and exit.
+ * vmigrate.lab.records.last_acks() reads the ack lines back.
  *
  * Pacing: the same absolute CLOCK_MONOTONIC schedule as memtouch; more than
  * 100 ms behind restarts the schedule instead of catching up in a burst.
@@ -146,24 +151,29 @@ int main(int argc, char **argv)
     const char *dev = "/dev/vdb";
     uint64_t rate = 50;
     uint64_t size = 4096;
+    /* The device first, so that even an argument error names it. */
+    for (int i = 1; i < argc; i++) {
+        if (strncmp(argv[i], "dev=", 4) == 0 && argv[i][4] != '\0')
+            dev = argv[i] + 4;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strncmp(a, "dev=", 4) == 0 && a[4] != '\0') {
-            dev = a + 4;
+            /* taken above */
         } else if (strncmp(a, "rate=", 5) == 0) {
             if (parse_num(a + 5, 0, &rate) != 0) {
-                say("DISKWRITE error: bad rate '%s'", a + 5);
+                say("DISKWRITE error dev=%s: bad rate '%s'", dev, a + 5);
                 return 2;
             }
         } else if (strncmp(a, "size=", 5) == 0) {
             if (parse_num(a + 5, 1, &size) != 0 || size < MIN_SIZE || size > MAX_SIZE ||
                 size % 512 != 0) {
-                say("DISKWRITE error: bad size '%s' (a multiple of 512 from 512 to 1M)",
-                    a + 5);
+                say("DISKWRITE error dev=%s: bad size '%s' (a multiple of 512 from 512 "
+                    "to 1M)", dev, a + 5);
                 return 2;
             }
         } else {
-            say("DISKWRITE error: unknown option '%s'", a);
+            say("DISKWRITE error dev=%s: unknown option '%s'", dev, a);
             say("usage: diskwrite [dev=/dev/vdb] [rate=RECORDS_PER_SECOND] [size=BYTES]");
             return 2;
         }
@@ -185,19 +195,19 @@ int main(int argc, char **argv)
         usleep(100000);
     }
     if (fd < 0) {
-        say("DISKWRITE error: cannot open %s: %s", dev, strerror(errno));
+        say("DISKWRITE error dev=%s: cannot open: %s", dev, strerror(errno));
         return 1;
     }
     off_t end = lseek(fd, 0, SEEK_END);
     if (end < 0) {
-        say("DISKWRITE error: cannot size %s: %s", dev, strerror(errno));
+        say("DISKWRITE error dev=%s: cannot size: %s", dev, strerror(errno));
         return 1;
     }
     uint64_t capacity = (uint64_t)end / size;
 
     unsigned char *rec = NULL;
     if (posix_memalign((void **)&rec, 4096, (size_t)size) != 0) {
-        say("DISKWRITE error: out of memory");
+        say("DISKWRITE error dev=%s: out of memory", dev);
         return 1;
     }
     uint64_t run_id = make_run_id();
@@ -212,7 +222,7 @@ int main(int argc, char **argv)
 
     for (uint64_t seq = 1; !stop_requested; seq++) {
         if (seq > capacity) {
-            say("DISKWRITE full ack=%" PRIu64, ack);
+            say("DISKWRITE full ack=%" PRIu64 " dev=%s", ack, dev);
             break;
         }
         build_record(rec, (uint32_t)size, seq, run_id);
@@ -223,7 +233,7 @@ int main(int argc, char **argv)
             if (w < 0 && errno == EINTR)
                 continue;
             if (w <= 0) {
-                say("DISKWRITE error: write seq=%" PRIu64 ": %s", seq,
+                say("DISKWRITE error dev=%s: write seq=%" PRIu64 ": %s", dev, seq,
                     w < 0 ? strerror(errno) : "short write");
                 status = 1;
                 goto out;
@@ -233,7 +243,8 @@ int main(int argc, char **argv)
         while (fdatasync(fd) != 0) {
             if (errno == EINTR)
                 continue;
-            say("DISKWRITE error: fdatasync seq=%" PRIu64 ": %s", seq, strerror(errno));
+            say("DISKWRITE error dev=%s: fdatasync seq=%" PRIu64 ": %s", dev, seq,
+                strerror(errno));
             status = 1;
             goto out;
         }
@@ -241,7 +252,7 @@ int main(int argc, char **argv)
 
         int64_t now = now_ns();
         if (now - last_print >= 1000000000LL || now < last_print) {
-            say("DISKWRITE ack=%" PRIu64, ack);
+            say("DISKWRITE ack=%" PRIu64 " dev=%s", ack, dev);
             last_print = now;
         }
         if (rate) {
@@ -257,7 +268,7 @@ int main(int argc, char **argv)
         }
     }
 out:
-    say("DISKWRITE ack=%" PRIu64, ack);
+    say("DISKWRITE ack=%" PRIu64 " dev=%s", ack, dev);
     close(fd);
     return status;
 }
