@@ -325,7 +325,8 @@ class LiveMigration:
         self._cleanups.append(("remove the incoming VM on the destination", self._clean_dest))
         self._dst_log_from = await process.console_size(self.dst, self.dst_cfg, self.vm)
         await self._prepare_storage()
-        await process.start_vm(self.dst, self.dst_cfg, self.dest_spec, incoming="defer")
+        await process.start_vm(self.dst, self.dst_cfg, self.dest_spec, incoming="defer",
+                               paused=self._hold_dest)
         paths = process.vm_paths(self.dst_cfg, self.vm)
         async with qmp_session(self.dst, paths.qmp, vm=self.vm) as qmp:
             if self.opts.tls:
@@ -378,7 +379,8 @@ class LiveMigration:
                 "qom-type": "tls-creds-x509", "id": self._tls_id,
                 "dir": str(self.src_cfg.tls_path), "endpoint": "client", "verify-peer": True,
             })
-        await _set_caps(qmp, self.setup.capabilities)
+        # "events": MIGRATION events wake the sampling loop at each state change
+        await _set_caps(qmp, {**self.setup.capabilities, "events": True})
         params = dict(controller.initial_parameters())
         if self.opts.tls:
             params["tls-creds"] = self._tls_id
@@ -391,59 +393,64 @@ class LiveMigration:
         self._cleanups.append(("cancel the migration on the source", self._cancel_source))
         self._migrating = True
         t0 = time.monotonic()
-        await qmp.execute("migrate", {"uri": self.uri})
-        self._decision("migrate", uri=self.uri)
-        last_bytes, last_move = -1, t0
-        postcopy_at: float | None = None
-        reply: dict[str, Any] = {}
-        while True:
-            await asyncio.sleep(SAMPLE_INTERVAL)
-            self._check_cancel()
-            now = time.monotonic()
-            try:
-                reply = await qmp.execute(
-                    "query-migrate",
-                    timeout=POSTCOPY_STALL_S if self.report.postcopy else QMP_TIMEOUT_S)
-            except QmpError as exc:
-                # in post-copy a lost link can block the source's main loop, and with it
-                # query-migrate: an unanswered monitor is a stalled link
-                if self.report.postcopy and exc.error_class is None:
-                    await self._recover_postcopy(time.monotonic() - last_move)
+        with qmp.events("MIGRATION") as events:
+            await qmp.execute("migrate", {"uri": self.uri})
+            self._decision("migrate", uri=self.uri)
+            last_bytes, last_move = -1, t0
+            postcopy_at: float | None = None
+            reply: dict[str, Any] = {}
+            while True:
+                # a state change (pre-switchover, completed) wakes the loop at once
+                await events.wait(SAMPLE_INTERVAL)
+                self._check_cancel()
+                now = time.monotonic()
+                try:
+                    reply = await qmp.execute(
+                        "query-migrate",
+                        timeout=POSTCOPY_STALL_S if self.report.postcopy else QMP_TIMEOUT_S)
+                except QmpError as exc:
+                    # in post-copy a lost link can block the source's main loop, and with it
+                    # query-migrate: an unanswered monitor is a stalled link
+                    if self.report.postcopy and exc.error_class is None:
+                        await self._recover_postcopy(time.monotonic() - last_move)
+                        last_move = time.monotonic()
+                        continue
+                    raise
+                sample = Sample.from_query_migrate(now - t0, reply)
+                status = sample.status
+                if status == "pre-switchover":  # the source is paused: hand over the disks
+                    await self._switchover(qmp)
+                    continue
+                await self._watch_storage(qmp)
+                self.report.max_throttle_pct = max(self.report.max_throttle_pct,
+                                                   sample.throttle_pct)
+                if sample.transferred != last_bytes:
+                    last_bytes, last_move = sample.transferred, now
+                if status.startswith("postcopy") and not self._pnr:
+                    self._pnr = True  # the destination guest runs from here on
+                    self._decision("point-of-no-return", status=status)
+                    if self._hold_dest:
+                        await self._release_dest()
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise MigrationFailed(f"QEMU reports the migration {status}: "
+                                          f"{reply.get('error-desc', 'no reason given')}")
+                if status == "postcopy-paused" or (
+                    status == "postcopy-active" and now - last_move > POSTCOPY_STALL_S
+                ):
+                    await self._recover_postcopy(now - last_move)
                     last_move = time.monotonic()
                     continue
-                raise
-            sample = Sample.from_query_migrate(now - t0, reply)
-            status = sample.status
-            if status == "pre-switchover":  # the source is paused: hand over the disks
-                await self._switchover(qmp)
-                continue
-            await self._watch_storage(qmp)
-            self.report.max_throttle_pct = max(self.report.max_throttle_pct, sample.throttle_pct)
-            if sample.transferred != last_bytes:
-                last_bytes, last_move = sample.transferred, now
-            if status.startswith("postcopy") and not self._pnr:
-                self._pnr = True  # the destination guest runs from here on
-                self._decision("point-of-no-return", status=status)
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise MigrationFailed(f"QEMU reports the migration {status}: "
-                                      f"{reply.get('error-desc', 'no reason given')}")
-            if status == "postcopy-paused" or (
-                status == "postcopy-active" and now - last_move > POSTCOPY_STALL_S
-            ):
-                await self._recover_postcopy(now - last_move)
-                last_move = time.monotonic()
-                continue
-            if status == "active" and now - last_move > LINK_STALL_S:
-                raise MigrationFailed(
-                    f"the migration link stalled: no bytes moved for {now - last_move:.0f}s "
-                    f"(is the link between {self.src_cfg.name} and {self.dst_cfg.name} down?)")
-            for action in controller.observe(sample):
-                await self._apply(action, qmp)
-                if isinstance(action, StartPostcopy):
-                    postcopy_at = time.monotonic()
-            self.on_progress(Progress("perform", sample, _last_step(controller)))
+                if status == "active" and now - last_move > LINK_STALL_S:
+                    raise MigrationFailed(
+                        f"the migration link stalled: no bytes moved for {now - last_move:.0f}s "
+                        f"(is the link between {self.src_cfg.name} and {self.dst_cfg.name} down?)")
+                for action in controller.observe(sample):
+                    await self._apply(action, qmp)
+                    if isinstance(action, StartPostcopy):
+                        postcopy_at = time.monotonic()
+                self.on_progress(Progress("perform", sample, _last_step(controller)))
         self._migrating = False
         self.report.steps = [_step_dict(s) for s in controller.history]
         ram = reply.get("ram", {})
@@ -590,11 +597,10 @@ class LiveMigration:
     async def _finish(self) -> None:
         assert self.dst_qmp is not None
         self._phase("finish")
-        if self._memtouch:  # what the log holds now may predate the switchover
-            seen = max(self._src_pass, last_memcheck_pass(await self._dest_console()))
         status = await self._wait_run_state(self.dst_qmp, 30)
-        if status == "paused" and self._paused_source:
-            await self.dst_qmp.execute("cont")  # we paused it to converge: resume it
+        if status == "paused" and (self._paused_source or self._hold_dest):
+            # we paused it to converge, or held it (-S) to hand over its disks: resume it
+            await self._release_dest()
             status = await self._wait_run_state(self.dst_qmp, 10)
         if status != "running":
             raise _Ambiguous(f"the migration completed but the guest on {self.dst_cfg.name} "
@@ -604,8 +610,8 @@ class LiveMigration:
         self.report.verification.dest_running = True
         await self._await_ping()
         await self._stop_probe()
-        if self._memtouch:
-            await self._memcheck(after_pass=seen)
+        if self._memtouch:  # a pass numbered above the source's last ran here
+            await self._memcheck(after_pass=self._src_pass)
         else:
             self._check_crash(await self._dest_console())
 
@@ -668,6 +674,14 @@ class LiveMigration:
         await self._confirm_storage()
 
     # -- storage hooks: live migration leaves disks where they are (shared storage) ----
+
+    #: start the destination QEMU with -S: it runs only when :meth:`_release_dest` says
+    _hold_dest = False
+
+    async def _release_dest(self) -> None:
+        """Let the destination guest run (it was paused, or held with -S)."""
+        assert self.dst_qmp is not None
+        await self.dst_qmp.execute("cont")
 
     async def _check_dest_files(self) -> None:
         """Begin: what the destination QEMU opens must be visible there."""

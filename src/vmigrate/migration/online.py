@@ -116,6 +116,9 @@ class OnlineMigration(LiveMigration):
     """Live migration plus the disks: see the module doc."""
 
     mode = "online"
+    # the NBD exports hold the target disks writable: the destination QEMU may only
+    # activate them (at "cont") once they are gone, so it is started with -S
+    _hold_dest = True
 
     def __init__(self, *args: Any, online: OnlineOptions | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -175,8 +178,9 @@ class OnlineMigration(LiveMigration):
             d.model_copy(update={"path": p.target, "format": p.target_format})
             for d, p in zip(self.spec.disks, plans, strict=True)
         )})
-        self.setup = replace(self.setup, capabilities={**self.setup.capabilities,
-                                                       "pause-before-switchover": True})
+        self.setup = replace(self.setup, capabilities={
+            **self.setup.capabilities, "pause-before-switchover": True,
+            "late-block-activate": True})
         self._decision("storage-plan", pool=pool_name, need=need, free=free, disks=[
             {"source": p.source, "format": p.info.format, "virtual_size": p.info.virtual_size,
              "allocated": p.info.actual_size, "target": p.target,
@@ -313,8 +317,8 @@ class OnlineMigration(LiveMigration):
             if pending and time.monotonic() > deadline:
                 raise MigrationFailed(f"the disk mirrors did not complete within "
                                       f"{HANDOVER_TIMEOUT_S:.0f}s at the switchover")
-            if pending:
-                await asyncio.sleep(0.1)
+            if pending:  # the guest is paused: every millisecond here is downtime
+                await asyncio.sleep(0.01)
         self._mirroring = False
         for p in self.plans:
             with contextlib.suppress(QmpError):
@@ -366,10 +370,15 @@ class OnlineMigration(LiveMigration):
         self.store.move_vm(self.vm, self.dst_cfg.name, self.dest_spec.model_dump_json())
         for p in self.plans:
             p.created = False  # the VM's disks now: never deleted by a cleanup
-        if self.dst_qmp is not None:
-            with contextlib.suppress(QmpError):
-                await self.dst_qmp.execute("nbd-server-stop")
         self.report.disks = [_disk_entry(p) for p in self.plans]
+
+    async def _release_dest(self) -> None:
+        """Close the exports, then let the guest run: "cont" activates its disks."""
+        assert self.dst_qmp is not None
+        if self._nbd_port:
+            await self.dst_qmp.execute("nbd-server-stop")
+            self._nbd_port = 0
+        await super()._release_dest()
 
     async def _confirm_storage(self) -> None:
         for entry, p in zip(self.report.disks, self.plans, strict=True):

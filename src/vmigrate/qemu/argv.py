@@ -48,6 +48,7 @@ def build_argv(
     binary: str = "qemu-system-x86_64",
     accel: str = "kvm",
     incoming: str | None = None,
+    paused: bool = False,
     daemonize: bool = True,
 ) -> list[str]:
     """The full QEMU command line for ``spec``.
@@ -122,4 +123,6 @@ def build_argv(
             argv += ["-append", spec.kernel.append]
     if incoming is not None:
         argv += ["-incoming", incoming]
+    if paused:  # -S: the guest runs only after "cont"
+        argv += ["-S"]
     return argv

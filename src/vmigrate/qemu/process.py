@@ -92,7 +92,8 @@ async def check_files(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
 
 
 async def start_vm(
-    host: Host, host_cfg: HostConfig, spec: VMSpec, *, incoming: str | None = None
+    host: Host, host_cfg: HostConfig, spec: VMSpec, *, incoming: str | None = None,
+    paused: bool = False,
 ) -> int:
     """Start ``spec`` daemonized on ``host``; return QEMU's PID.
 
@@ -116,7 +117,7 @@ async def start_vm(
     await host.sh(f"mkdir -p {q} && rm -f {q}/qmp.sock {q}/console.sock {q}/qemu.pid {q}/qemu.log")
     await host.write_file(f"{paths.dir}/spec.json", spec.model_dump_json(indent=2).encode())
     argv = build_argv(spec, paths, binary=host_cfg.qemu_binary, accel=host_cfg.accel,
-                      incoming=incoming)
+                      incoming=incoming, paused=paused)
     try:
         await _setup_taps(host, host_cfg, spec)
         res = await host.run(argv, check=False, timeout=120)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
 from vmigrate.errors import QmpError
 from vmigrate.hosts import Host
@@ -68,10 +68,34 @@ class QmpSession:
             raise QmpError(f"{self.vm}: monitor lost during {command}: {exc!r}") from exc
         return {"return": ret}
 
+    @contextlib.contextmanager
+    def events(self, *names: str) -> Iterator[EventWaiter]:
+        """Collect the named QMP events while the block runs."""
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        try:
+            yield EventWaiter(listener)
+        finally:
+            self._client.remove_listener(listener)
+
     async def query_status(self) -> str:
         """The VM's run state (``running``, ``paused``, ``inmigrate``, ...)."""
         ret = await self.execute("query-status")
         return str(ret["status"])
+
+
+class EventWaiter:
+    """Events a :meth:`QmpSession.events` block collected, oldest first."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def wait(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None after ``timeout`` seconds without one."""
+        try:
+            return dict(await asyncio.wait_for(self._listener.get(), timeout))
+        except TimeoutError:
+            return None
 
 
 @asynccontextmanager
