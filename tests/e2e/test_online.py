@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from tests.e2e.test_live import (
     assert_arrived,
     audit_size,
     guest,  # noqa: F401  (fixture)
+    last_job,
     slow_links,  # noqa: F401  (fixture)
     vm_host,
     vm_pid_on,
@@ -270,3 +272,33 @@ def test_pool_too_small_refused_at_begin(
 def test_online_options_need_online_mode(lab: Lab) -> None:
     res = lab.cli("migrate", "nosuchvm", "--to", "h2", "--target-format", "qcow2")
     assert res.returncode == 2 and "--mode online" in res.stderr
+
+
+def test_controller_killed_during_mirror_is_recovered(
+    lab: Lab, guest: list[str], slow_links: Callable[[str], None]  # noqa: F811
+) -> None:
+    slow_links("50mbit")
+    src = pool(lab, "h1") / "kill1.raw"
+    raw_with_data(src, 1 << 30, 200 * MiB)
+    guest.append("kill1")
+    create(lab, "kill1", [src])
+    offset = audit_size(lab)
+    proc = lab.popen("migrate", "kill1", "--to", "h2", "--mode", "online", "--json")
+    try:
+        wait_audit(lab, "mirror", offset)
+        time.sleep(2)
+        proc.send_signal(signal.SIGKILL)  # the controller we started, by its PID
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert last_job(lab, "kill1")["status"] == "running"  # left behind, mirror still going
+    res = lab.cli("job", "recover", "--json")
+    assert res.returncode == 0, res.stderr
+    assert last_job(lab, "kill1")["status"] == "failed"
+    assert vm_host(lab, "kill1") == "h1"
+    assert vm_pid_on(lab, "h1", "kill1") is not None
+    assert vm_pid_on(lab, "h2", "kill1") is None
+    assert list(pool(lab, "h2").glob("kill1-*")) == []
+    assert src.exists()

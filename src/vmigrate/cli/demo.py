@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -15,16 +16,22 @@ from rich.table import Table
 from vmigrate.audit.log import AuditLog
 from vmigrate.cli._common import err, out, print_json, run
 from vmigrate.cli.migrate import render_report
-from vmigrate.config import HOME_ENV, load_inventory
+from vmigrate.config import HOME_ENV, Inventory, load_inventory
 from vmigrate.lab.image import build_image
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ping
+from vmigrate.lab.records import last_acks, verify_diskwrite_records
 from vmigrate.migration.live import LiveMigration, Progress
+from vmigrate.migration.online import OnlineMigration, OnlineOptions
 from vmigrate.plan.policy import BUILTIN, MigrationOptions
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 
 GUEST = "demo-guest"
+DISK_GUEST = "demo-disk"
+#: the online guest's disk: 1 GiB, thin, 64 MiB of data; the guest appends records to it
+DISK_SIZE, DISK_DATA = 1 << 30, 64 << 20
+DISK_WORKLOAD = "diskwrite:dev=/dev/vda,rate=50"
 #: ~80 MB/s of dirtied memory under TCG: above the 200 mbit (25 MB/s) migration links
 WORKLOAD = "memtouch:wss=64M,rate=20000"
 LINK_RATE = "200mbit"
@@ -76,7 +83,44 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
         summary["migration"] = report.model_dump(mode="json")
         _step(f"destroying {GUEST}")
         await svc.destroy(GUEST)
+        await _online(inv, store, svc, home, summary)
     store.close()
+
+
+async def _online(inv: Inventory, store: Store, svc: VmService, home: Path,
+                  summary: dict[str, Any]) -> None:
+    """A guest writing records to its own disk in h1's local pool moves, disk and all,
+    to h2's local pool; then every acknowledged record is checked on the copy."""
+    pool = inv.host("h1").pools["local"]
+    pool.mkdir(parents=True, exist_ok=True)
+    disk = pool / f"{DISK_GUEST}.raw"
+    with disk.open("wb") as f:  # thin, with some data for the mirror to carry
+        f.truncate(DISK_SIZE)
+        f.seek(DISK_SIZE // 2)
+        f.write(os.urandom(DISK_DATA))
+    _step(f"starting {DISK_GUEST} on h1 with its disk in h1's local pool ({DISK_WORKLOAD})")
+    await svc.create(CreateRequest(name=DISK_GUEST, host="h1", memory="256M",
+                                   disks=[f"{disk},format=raw,cache=none"],
+                                   workload=DISK_WORKLOAD))
+    console = ConsoleFollower(svc, DISK_GUEST)
+    await console.wait(r"DISKWRITE ack=\d+", timeout=180, on_line=_console_line)
+    _step(f"online-migrating {DISK_GUEST} h1 -> h2: disk copied over NBD (TLS) into h2's "
+          "local pool, then memory")
+    mig = OnlineMigration(inv, store, AuditLog(home / "audit.jsonl"), DISK_GUEST, "h2",
+                          MigrationOptions(policy=BUILTIN["balanced"]),
+                          on_progress=_DemoProgress(), online=OnlineOptions())
+    report = await mig.run()
+    data = report.model_dump(mode="json")
+    summary["online"] = data
+    if report.status == "completed":
+        await asyncio.sleep(3)  # a few records written on h2
+        await svc.stop(DISK_GUEST, force=True)
+        acks = last_acks(await svc.console(DISK_GUEST))
+        target = Path(data["disks"][0]["target"])
+        summary["online_records"] = {"acknowledged": acks.get("/dev/vda", 0),
+                                     "on_target": verify_diskwrite_records(target)}
+    _step(f"destroying {DISK_GUEST}")
+    await svc.destroy(DISK_GUEST)
 
 
 class _DemoProgress:
@@ -131,6 +175,8 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
         return
     if mig := summary.get("migration"):
         render_report(mig)
+    if onl := summary.get("online"):
+        render_report(onl)
     table = Table(title="vmigrate demo", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -148,6 +194,13 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
         table.add_row("live migration", f"{mig['status']} in {mig['total_time_s']} s, observed "
                       f"downtime {mig['observed_downtime_ms']} ms, memory check on h2: "
                       f"{mig['verification'].get('memcheck')}")
+    if onl:
+        disk = (onl.get("disks") or [{}])[0]
+        rec = summary.get("online_records", {})
+        table.add_row("online migration", f"{onl['status']} in {onl['total_time_s']} s, disk "
+                      f"ready in {disk.get('ready_s')} s, observed downtime "
+                      f"{onl['observed_downtime_ms']} ms; records on h2's copy: "
+                      f"{rec.get('on_target')} valid, {rec.get('acknowledged')} acknowledged")
     table.add_row("total time", f"{summary['seconds']} s")
     table.add_row("teardown", "lab removed" if not keep else "lab kept")
     out.print(table)

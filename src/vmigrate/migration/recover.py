@@ -17,6 +17,13 @@ confirm    --                                               completed (confirm)
 
 "Rolled back" means: ``migrate_cancel`` if a migration is active, the source
 resumed if the job had paused it, the incoming VM killed and its files removed.
+
+Online jobs (disks copied) also: the disk mirrors on the source are cancelled and
+their NBD nodes removed, and the target images (from the job's audited storage
+plan) are deleted on rollback; a destination held paused (``-S``) after the copy
+completed gets its NBD exports closed and is resumed; the VM's spec then points
+at the target images. Source images are kept (``--delete-source`` is not
+replayed).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from vmigrate.audit.log import AuditLog, read
 from vmigrate.config import Inventory
 from vmigrate.errors import HostError, QmpError, StateError
 from vmigrate.hosts import open_host
-from vmigrate.qemu import process
+from vmigrate.qemu import images, process
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import qmp_session
 from vmigrate.qemu.spec import VMSpec
@@ -70,8 +77,17 @@ async def recover(inventory: Inventory, store: Store, audit: AuditLog, job: JobR
     spec = VMSpec.model_validate_json(store.get_vm(job.vm).spec_json)
     src_cfg, dst_cfg = inventory.host(job.source), inventory.host(job.dest)
     audit.append("recover", {"phase": job.phase}, job=job.id)
+    records = list(read(audit.path, job=job.id))
     paused_by_job = any(r.event == "decision" and r.data.get("decision") == "pause-guest"
-                        for r in read(audit.path, job=job.id))
+                        for r in records)
+    plans = [r.data.get("disks", []) for r in records
+             if r.event == "decision" and r.data.get("decision") == "storage-plan"]
+    targets: list[dict[str, str]] = plans[-1] if plans else []
+    dest_spec = spec
+    if targets:
+        dest_spec = spec.model_copy(update={"disks": tuple(
+            d.model_copy(update={"path": t["target"], "format": t["target_format"]})
+            for d, t in zip(spec.disks, targets, strict=True))})
     async with open_host(src_cfg) as src, open_host(dst_cfg) as dst:
         src_paths = process.vm_paths(src_cfg, job.vm)
 
@@ -82,9 +98,20 @@ async def recover(inventory: Inventory, store: Store, audit: AuditLog, job: JobR
                 return str((await qmp.execute("query-migrate")).get("status", "none"))
 
         async def confirm() -> None:
-            store.set_vm_host(job.vm, dst_cfg.name)
+            store.move_vm(job.vm, dst_cfg.name, dest_spec.model_dump_json())
             await process.stop_vm(src, src_cfg, spec, force=True)
             await process.remove_vm_dir(src, src_cfg, job.vm)
+
+        async def release_held_dest() -> VmState:
+            """An online destination held with -S after the copy: close its exports
+            and let it run."""
+            dst_paths = process.vm_paths(dst_cfg, job.vm)
+            async with qmp_session(dst, dst_paths.qmp, vm=job.vm) as qmp:
+                if str((await qmp.execute("query-migrate")).get("status")) == "completed":
+                    with contextlib.suppress(QmpError):
+                        await qmp.execute("nbd-server-stop")
+                    await qmp.execute("cont")
+            return await process.vm_state(dst, dst_cfg, job.vm)
 
         async def roll_back() -> None:
             if await process.vm_pid(src, src_paths) is not None:
@@ -94,10 +121,21 @@ async def recover(inventory: Inventory, store: Store, audit: AuditLog, job: JobR
                         await qmp.execute("migrate_cancel")
                     if paused_by_job and await qmp.query_status() == "paused":
                         await qmp.execute("cont")
-            await process.stop_vm(dst, dst_cfg, spec, force=True)
+                    for i in range(len(targets)):  # online: the disk mirrors
+                        with contextlib.suppress(QmpError):
+                            await qmp.execute("block-job-cancel",
+                                              {"device": f"mirror-disk{i}", "force": True})
+                        with contextlib.suppress(QmpError):
+                            await qmp.execute("blockdev-del", {"node-name": f"nbd-disk{i}"})
+            await process.stop_vm(dst, dst_cfg, dest_spec, force=True)
             await process.remove_vm_dir(dst, dst_cfg, job.vm)
+            for t in targets:
+                await images.remove_image(dst, t["target"])
 
         dst_state = await process.vm_state(dst, dst_cfg, job.vm)
+        if targets and dst_state == VmState.PAUSED and job.phase in (
+                "perform", "finish", "confirm"):
+            dst_state = await release_held_dest()
         outcome, detail = "failed", ""
         match job.phase:
             case "begin":
