@@ -33,6 +33,7 @@ from tests.e2e.test_live import (
 )
 from tests.e2e.test_vms import boot_sector_image, wait_for_console
 from vmigrate.hosts import CommandResult, open_host
+from vmigrate.lab.disks import thin_raw_image
 from vmigrate.lab.net import link_down, link_up
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
 
@@ -45,19 +46,6 @@ def pool(lab: Lab, host: str, name: str = "local") -> Path:
     path = lab.inventory.host(host).pools[name]
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def raw_with_data(path: Path, size: int, data: int, *, offset: int = 64 * MiB) -> None:
-    """A thin raw image of ``size`` bytes holding ``data`` random bytes at ``offset``."""
-    path.unlink(missing_ok=True)
-    with path.open("wb") as f:
-        f.truncate(size)
-        f.seek(offset)
-        left = data
-        while left:
-            chunk = min(left, 4 * MiB)
-            f.write(os.urandom(chunk))
-            left -= chunk
 
 
 def allocated(path: Path) -> int:
@@ -101,8 +89,8 @@ def console(lab: Lab, vm: str) -> str:
 
 def test_two_disks_under_diskwrite_move_online(lab: Lab, guest: list[str]) -> None:  # noqa: F811
     a, b = pool(lab, "h1") / "two1-a.raw", pool(lab, "h1") / "two1-b.raw"
-    raw_with_data(a, 1 << 30, 0)
-    raw_with_data(b, 256 * MiB, 0)
+    thin_raw_image(a, 1 << 30, 0)
+    thin_raw_image(b, 256 * MiB, 0)
     guest.append("two1")
     create(lab, "two1", [a, b], workload="memtouch:wss=64M,rate=5000"
            "+diskwrite:dev=/dev/vda,rate=50+diskwrite:dev=/dev/vdb,rate=20")
@@ -135,7 +123,7 @@ def test_two_disks_under_diskwrite_move_online(lab: Lab, guest: list[str]) -> No
 
 def test_raw_to_qcow2_arrives_thin(lab: Lab, guest: list[str]) -> None:  # noqa: F811
     src = pool(lab, "h1") / "thin1.raw"
-    raw_with_data(src, 4 << 30, 100 * MiB)
+    thin_raw_image(src, 4 << 30, 100 * MiB)
     guest.append("thin1")
     create(lab, "thin1", [src])
     rc, report = online(lab, "thin1", "--target-format", "qcow2")
@@ -186,7 +174,7 @@ def test_link_cut_during_mirror_rolls_back(
 ) -> None:
     slow_links("50mbit")  # ~6 MB/s: 200 MiB of data takes ~35 s
     src = pool(lab, "h1") / "cut1.raw"
-    raw_with_data(src, 1 << 30, 200 * MiB)
+    thin_raw_image(src, 1 << 30, 200 * MiB)
     guest.append("cut1")
     create(lab, "cut1", [src])
     before = sha256(src)
@@ -254,7 +242,7 @@ def test_pool_too_small_refused_at_begin(
     lab: Lab, guest: list[str], tiny_pool: Path  # noqa: F811
 ) -> None:
     src = pool(lab, "h1") / "big1.raw"
-    raw_with_data(src, 1 << 30, 64 * MiB)
+    thin_raw_image(src, 1 << 30, 64 * MiB)
     guest.append("big1")
     create(lab, "big1", [src])
     rc, report = online(lab, "big1", "--target-storage", "tiny")
@@ -279,7 +267,7 @@ def test_controller_killed_during_mirror_is_recovered(
 ) -> None:
     slow_links("50mbit")
     src = pool(lab, "h1") / "kill1.raw"
-    raw_with_data(src, 1 << 30, 200 * MiB)
+    thin_raw_image(src, 1 << 30, 200 * MiB)
     guest.append("kill1")
     create(lab, "kill1", [src])
     offset = audit_size(lab)

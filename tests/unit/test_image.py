@@ -419,3 +419,16 @@ def test_collect_modules_missing_dependency(tmp_path: Path) -> None:
     (tmp_path / "a.ko").write_bytes(b"\x00depends=b\x00")
     with pytest.raises(LabError):
         image_mod._collect_modules(tmp_path, ["a"])
+
+
+def test_thin_raw_image(tmp_path: Path) -> None:
+    from vmigrate.lab.disks import thin_raw_image
+
+    path = tmp_path / "d.raw"
+    thin_raw_image(path, 64 << 20, 4 << 20)
+    assert path.stat().st_size == 64 << 20
+    assert 4 << 20 <= path.stat().st_blocks * 512 < 8 << 20  # thin: only the data
+    blob = path.read_bytes()
+    assert blob[: 30 << 20] == bytes(30 << 20) and blob[30 << 20: 34 << 20] != bytes(4 << 20)
+    with pytest.raises(ValueError):
+        thin_raw_image(path, 1 << 20, 2 << 20)

@@ -17,6 +17,7 @@ from vmigrate.audit.log import AuditLog
 from vmigrate.cli._common import err, out, print_json, run
 from vmigrate.cli.migrate import render_report
 from vmigrate.config import HOME_ENV, Inventory, load_inventory
+from vmigrate.lab.disks import thin_raw_image
 from vmigrate.lab.image import build_image
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ping
@@ -94,10 +95,7 @@ async def _online(inv: Inventory, store: Store, svc: VmService, home: Path,
     pool = inv.host("h1").pools["local"]
     pool.mkdir(parents=True, exist_ok=True)
     disk = pool / f"{DISK_GUEST}.raw"
-    with disk.open("wb") as f:  # thin, with some data for the mirror to carry
-        f.truncate(DISK_SIZE)
-        f.seek(DISK_SIZE // 2)
-        f.write(os.urandom(DISK_DATA))
+    thin_raw_image(disk, DISK_SIZE, DISK_DATA)  # thin, with some data for the mirror
     _step(f"starting {DISK_GUEST} on h1 with its disk in h1's local pool ({DISK_WORKLOAD})")
     await svc.create(CreateRequest(name=DISK_GUEST, host="h1", memory="256M",
                                    disks=[f"{disk},format=raw,cache=none"],
