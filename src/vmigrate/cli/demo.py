@@ -38,6 +38,10 @@ WORKLOAD = "memtouch:wss=64M,rate=20000"
 LINK_RATE = "200mbit"
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
 def _step(msg: str) -> None:
     err.print(f"[bold cyan]==>[/] {msg}")
 
@@ -190,14 +194,14 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
                       f"avg {p['rtt_avg_ms']} ms")
     if mig:
         table.add_row("live migration", f"{mig['status']} in {mig['total_time_s']} s, observed "
-                      f"downtime {mig['observed_downtime_ms']} ms, memory check on h2: "
+                      f"downtime {_ms(mig.get('observed_downtime_ms'))}, memory check on h2: "
                       f"{mig['verification'].get('memcheck')}")
     if onl:
         disk = (onl.get("disks") or [{}])[0]
         rec = summary.get("online_records", {})
         table.add_row("online migration", f"{onl['status']} in {onl['total_time_s']} s, disk "
                       f"ready in {disk.get('ready_s')} s, observed downtime "
-                      f"{onl['observed_downtime_ms']} ms; records on h2's copy: "
+                      f"{_ms(onl.get('observed_downtime_ms'))}; records on h2's copy: "
                       f"{rec.get('on_target')} valid, {rec.get('acknowledged')} acknowledged")
     table.add_row("total time", f"{summary['seconds']} s")
     table.add_row("teardown", "lab removed" if not keep else "lab kept")

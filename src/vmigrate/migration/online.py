@@ -392,9 +392,11 @@ class OnlineMigration(LiveMigration):
 
 
 def _disk_entry(p: DiskPlan) -> dict[str, Any]:
+    # the mirror's byte count includes the holes it skipped: the throughput is that of
+    # the data (what the source had allocated), which is what crossed the link
     mbps = None
     if p.ready_s:
-        mbps = round(p.copied * 8 / p.ready_s / 1e6, 1)
+        mbps = round(min(p.copied, p.info.actual_size) * 8 / p.ready_s / 1e6, 1)
     return {
         "source": p.source, "format": p.info.format, "virtual_size": p.info.virtual_size,
         "source_allocated": p.info.actual_size, "target": p.target,
