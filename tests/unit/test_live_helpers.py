@@ -34,3 +34,12 @@ def test_verification_failed() -> None:
     assert Verification(memcheck="exited").failed
     assert Verification(guest_crash="Kernel panic - not syncing: x").failed
     assert Verification(answers_ping=False).failed
+
+
+def test_find_guest_crash_warnings_and_ring_corruption() -> None:
+    text = ("[   55.22] WARNING: CPU: 0 PID: 0 at kernel/context_tracking.c:188 x+0x7a\n"
+            "[   55.25] BUG: scheduling while atomic: swapper/0/0/0x00000101\n")
+    assert find_guest_crash(text) == (
+        "WARNING: CPU: 0 PID: 0 at kernel/context_tracking.c:188 x+0x7a")
+    line = find_guest_crash("[ 55.26] virtio_net virtio1: output.0:id 1 is not a head!\n")
+    assert line is not None and line.endswith("is not a head!")

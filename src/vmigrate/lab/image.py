@@ -80,8 +80,8 @@ BUILD_FORMAT = 3
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
-GUEST_SOURCES = ("init", "common.h", "memtouch.c", "diskwrite.c")
-GUEST_PROGRAMS = ("memtouch", "diskwrite")
+GUEST_SOURCES = ("init", "common.h", "memtouch.c", "diskwrite.c", "tlbtick.c")
+GUEST_PROGRAMS = ("memtouch", "diskwrite", "tlbtick")
 #: The modules the guest needs; their dependencies are added from ``depends=``.
 ROOT_MODULES = ("virtio_pci", "virtio_net", "virtio_blk")
 

@@ -750,8 +750,8 @@ _MEMCHECK = re.compile(
 
 #: what a guest prints when it crashed, or when it booted afresh (a reset)
 _CRASH = re.compile(
-    r"Kernel panic - not syncing.*|kernel BUG at.*|BUG: (?:unable to handle|kernel).*"
-    r"|Oops: .*|general protection fault.*|Linux version \S+.*")
+    r"Kernel panic - not syncing.*|kernel BUG at.*|BUG: .*|WARNING: CPU: .*"
+    r"|Oops: .*|general protection fault.*|Linux version \S+.*|.*is not a head!")
 
 
 def find_guest_crash(text: str) -> str | None:
