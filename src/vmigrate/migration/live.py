@@ -347,16 +347,12 @@ class LiveMigration:
     async def _listen(self, qmp: QmpSession, command: str, *, oob: bool = False) -> str:
         """Start the destination listening on a free port of its migration address."""
         addr = self.dst_cfg.migration_address
-        last: QmpError | None = None
-        for _ in range(5):
-            uri = f"tcp:{addr}:{random.randint(*PORT_RANGE)}"
-            try:
-                await qmp.execute(command, {"uri": uri}, oob=oob, timeout=QMP_TIMEOUT_S)
-                return uri
-            except QmpError as exc:  # port taken: try another
-                last = exc
-        assert last is not None
-        raise last
+
+        async def listen(port: int) -> None:
+            await qmp.execute(command, {"uri": f"tcp:{addr}:{port}"}, oob=oob,
+                              timeout=QMP_TIMEOUT_S)
+
+        return f"tcp:{addr}:{await on_free_port(listen)}"
 
     async def _clean_dest(self) -> None:
         # the monitor takes one client at a time: quit through our own session first
@@ -388,8 +384,8 @@ class LiveMigration:
         if self._memtouch:
             self._src_pass = last_memcheck_pass(
                 await process.read_console(self.src, self.src_cfg, self.vm, lines=200))
-        self._start_probe()
         await self._start_storage(qmp)
+        self._start_probe()  # after the disk copy: the probe's deadline is the policy's
         self._cleanups.append(("cancel the migration on the source", self._cancel_source))
         self._migrating = True
         t0 = time.monotonic()
@@ -606,7 +602,6 @@ class LiveMigration:
             raise _Ambiguous(f"the migration completed but the guest on {self.dst_cfg.name} "
                              f"is {status}, not running")
         await self._finish_storage()
-        self.store.set_vm_host(self.vm, self.dst_cfg.name)
         self.report.verification.dest_running = True
         await self._await_ping()
         await self._stop_probe()
@@ -640,9 +635,9 @@ class LiveMigration:
     async def _memcheck(self, after_pass: int) -> None:
         """The lab guest's memory workload verifies every page on each pass: wait for
         the verdict of a pass that ran on the destination (numbered above
-        ``after_pass``: the last pass seen on the source before migrating, or on the
-        destination when the switchover was seen). A crash or a reboot on the
-        destination is a failed check: a rebooted guest starts counting again."""
+        ``after_pass``, the last pass the source printed before migrating). A crash or
+        a reboot on the destination is a failed check: a rebooted guest starts
+        counting again."""
         deadline = time.monotonic() + MEMCHECK_WAIT_S
         text = ""
         while time.monotonic() < deadline:
@@ -707,7 +702,9 @@ class LiveMigration:
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
 
     async def _finish_storage(self) -> None:
-        """Finish, the guest runs on the destination: the VM's disks are there now."""
+        """Finish, the guest runs on the destination: record that the VM lives there
+        (with its disks, where they moved)."""
+        self.store.set_vm_host(self.vm, self.dst_cfg.name)
 
     async def _confirm_storage(self) -> None:
         """Confirm, the source QEMU stopped: release the source's disks."""
@@ -752,6 +749,21 @@ _MEMCHECK = re.compile(
 _CRASH = re.compile(
     r"Kernel panic - not syncing.*|kernel BUG at.*|BUG: .*|WARNING: CPU: .*"
     r"|Oops: .*|general protection fault.*|Linux version \S+.*|.*is not a head!")
+
+
+async def on_free_port(start: Callable[[int], Awaitable[None]], tries: int = 5) -> int:
+    """Call ``start(port)`` with random ports of :data:`PORT_RANGE` until one is not
+    refused (taken); return that port, or raise the last refusal."""
+    last: QmpError | None = None
+    for _ in range(tries):
+        port = random.randint(*PORT_RANGE)
+        try:
+            await start(port)
+            return port
+        except QmpError as exc:  # port taken: try another
+            last = exc
+    assert last is not None
+    raise last
 
 
 def find_guest_crash(text: str) -> str | None:

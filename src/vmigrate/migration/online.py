@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import shlex
 import time
 from dataclasses import dataclass, field, replace
@@ -38,15 +37,16 @@ from typing import Any
 from vmigrate.errors import EnvironmentError_, QmpError, StateError, UserError
 from vmigrate.migration.live import (
     LINK_STALL_S,
-    PORT_RANGE,
     QMP_TIMEOUT_S,
     LiveMigration,
     MigrationFailed,
     Progress,
+    on_free_port,
 )
 from vmigrate.qemu import images, process
 from vmigrate.qemu.images import ImageFormat, ImageInfo
 from vmigrate.qemu.qmp import QmpSession
+from vmigrate.qemu.spec import VMSpec
 
 #: how often the mirrors are sampled while they catch up
 MIRROR_SAMPLE_S = 0.5
@@ -174,10 +174,7 @@ class OnlineMigration(LiveMigration):
                 f"pool {pool_name!r} on {self.dst_cfg.name} ({pool}) has {_gib(free)} free; "
                 f"the disks need {_gib(need)}")
         self.plans = plans
-        self.dest_spec = self.spec.model_copy(update={"disks": tuple(
-            d.model_copy(update={"path": p.target, "format": p.target_format})
-            for d, p in zip(self.spec.disks, plans, strict=True)
-        )})
+        self.dest_spec = moved_spec(self.spec, [(p.target, p.target_format) for p in plans])
         self.setup = replace(self.setup, capabilities={
             **self.setup.capabilities, "pause-before-switchover": True,
             "late-block-activate": True})
@@ -209,20 +206,12 @@ class OnlineMigration(LiveMigration):
         args: dict[str, Any] = {}
         if self.opts.tls:
             args["tls-creds"] = self._tls_id
-        last: QmpError | None = None
-        for _ in range(5):
-            port = random.randint(*PORT_RANGE)
-            try:
-                await qmp.execute("nbd-server-start", {
-                    "addr": {"type": "inet", "data": {"host": addr, "port": str(port)}},
-                    **args})
-                self._nbd_port = port
-                break
-            except QmpError as exc:  # port taken: try another
-                last = exc
-        else:
-            assert last is not None
-            raise last
+
+        async def start(port: int) -> None:
+            await qmp.execute("nbd-server-start", {
+                "addr": {"type": "inet", "data": {"host": addr, "port": str(port)}}, **args})
+
+        self._nbd_port = await on_free_port(start)
         for p in self.plans:
             await qmp.execute("block-export-add", {
                 "type": "nbd", "id": f"export-{p.node}", "node-name": p.node,
@@ -389,6 +378,13 @@ class OnlineMigration(LiveMigration):
                 entry["source_deleted"] = False
         if self.online.delete_source:
             self._decision("source-images-deleted", paths=[p.source for p in self.plans])
+
+
+def moved_spec(spec: VMSpec, targets: list[tuple[str, str]]) -> VMSpec:
+    """``spec`` with its disks at ``targets`` (path, format), in order."""
+    return spec.model_copy(update={"disks": tuple(
+        d.model_copy(update={"path": path, "format": fmt})
+        for d, (path, fmt) in zip(spec.disks, targets, strict=True))})
 
 
 def _disk_entry(p: DiskPlan) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from vmigrate.audit.log import AuditLog, read
 from vmigrate.config import Inventory
 from vmigrate.errors import HostError, QmpError, StateError
 from vmigrate.hosts import open_host
+from vmigrate.migration.online import moved_spec
 from vmigrate.qemu import images, process
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import qmp_session
@@ -83,11 +84,8 @@ async def recover(inventory: Inventory, store: Store, audit: AuditLog, job: JobR
     plans = [r.data.get("disks", []) for r in records
              if r.event == "decision" and r.data.get("decision") == "storage-plan"]
     targets: list[dict[str, str]] = plans[-1] if plans else []
-    dest_spec = spec
-    if targets:
-        dest_spec = spec.model_copy(update={"disks": tuple(
-            d.model_copy(update={"path": t["target"], "format": t["target_format"]})
-            for d, t in zip(spec.disks, targets, strict=True))})
+    dest_spec = moved_spec(spec, [(t["target"], t["target_format"]) for t in targets]
+                           ) if targets else spec
     async with open_host(src_cfg) as src, open_host(dst_cfg) as dst:
         src_paths = process.vm_paths(src_cfg, job.vm)
 
