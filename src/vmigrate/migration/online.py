@@ -81,7 +81,6 @@ class DiskPlan:
     started: float = 0.0
     ready_s: float | None = None
     copied: int = 0
-    length: int = 0
     handover_s: float | None = None
 
     @property
@@ -247,10 +246,10 @@ class OnlineMigration(LiveMigration):
             now = time.monotonic()
             for p in self.plans:
                 job = jobs.by_id[p.job]
-                p.copied, p.length = int(job.get("offset", 0)), int(job.get("len", 0))
+                p.copied = int(job.get("offset", 0))
                 if job.get("ready") and p.ready_s is None:
                     p.ready_s = round(now - p.started, 3)
-            self.on_progress(Progress("perform", note=None, disk=(jobs.done, jobs.total),
+            self.on_progress(Progress("perform", disk=(jobs.done, jobs.total),
                                       step="copying disks"))
             if all(p.ready_s is not None for p in self.plans):
                 break
