@@ -11,6 +11,7 @@ import pytest
 
 from tests.e2e.conftest import Lab
 from vmigrate.lab.probe import ping
+from vmigrate.lab.records import last_acks, verify_diskwrite_records
 
 pytestmark = pytest.mark.lab
 
@@ -85,6 +86,35 @@ def test_lab_guest_runs_memtouch_and_answers_ping(lab: Lab) -> None:
         assert res.returncode == 0, res.stderr
     assert qemu_pids(lab) == []
     assert lab.cli_json("vm", "list") == []
+
+
+def test_lab_guest_powers_off_on_acpi_power_button(lab: Lab) -> None:
+    disk = lab.inventory.host("h1").pools["shared"] / "powerbtn.raw"
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    with disk.open("wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    res = lab.cli("vm", "create", "pwr", "--host", "h1", "--memory", "128M", "--no-nic",
+                  "--workload", "diskwrite:dev=/dev/vda,rate=50",
+                  "--disk", f"{disk},format=raw,cache=none")
+    assert res.returncode == 0, res.stderr
+    try:
+        wait_for_console(lab, "pwr", r"DISKWRITE ack=[1-9]\d* dev=/dev/vda", timeout=120)
+        started = time.monotonic()
+        res = lab.cli("vm", "stop", "pwr", "--timeout", "15")  # no --force: ACPI power-down
+        elapsed = time.monotonic() - started
+        assert res.returncode == 0, res.stderr
+        assert elapsed < 15
+        show = lab.cli_json("vm", "show", "pwr")
+        assert isinstance(show, dict) and show["state"] == "stopped"
+        text = lab.cli("vm", "console", "pwr").stdout
+        assert "VMIGRATE POWEROFF" in text
+        # diskwrite got SIGTERM, finished its record and said so before the power went.
+        assert "VMIGRATE WORKLOAD EXIT kind=diskwrite status=0" in text
+        ack = last_acks(text)["/dev/vda"]
+        assert verify_diskwrite_records(disk) >= ack > 0
+    finally:
+        lab.cli("vm", "destroy", "pwr")
+    assert qemu_pids(lab) == []
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])

@@ -6,6 +6,7 @@ import gzip
 import json
 import lzma
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -359,6 +360,15 @@ def test_guest_sources_are_packaged() -> None:
     for name in image_mod.GUEST_SOURCES:
         assert image_mod._guest_source(name)
     assert image_mod._guest_source("init").startswith(b"#!/bin/sh\n")
+
+
+def test_every_guest_file_is_hashed_into_the_stamp() -> None:
+    # A file under guest/ left out of GUEST_SOURCES would not trigger a rebuild.
+    guest = resources.files("vmigrate.lab").joinpath("guest")
+    on_disk = {f.name for f in guest.iterdir() if f.is_file() and not f.name.startswith(".")}
+    assert on_disk == set(image_mod.GUEST_SOURCES)
+    for program in image_mod.GUEST_PROGRAMS:
+        assert f"{program}.c" in image_mod.GUEST_SOURCES
 
 
 def _cpio_names(archive: bytes) -> dict[str, tuple[int, bytes]]:

@@ -14,9 +14,12 @@
     RAM stays empty until migrated.)
 ``initramfs.cpio.gz``
     A gzip'd newc cpio archive: the static busybox of ``busybox-static`` with
-    its applet links, ``/init`` (``guest/init``), the virtio modules in load
-    order, and the workload programs ``/bin/memtouch`` and ``/bin/diskwrite``
-    (``guest/*.c``, compiled with ``gcc -static``).
+    its applet links, ``/init`` (``guest/init``), the virtio, ACPI button and
+    evdev modules in load order, the workload programs ``/bin/memtouch`` and
+    ``/bin/diskwrite``, and the helpers ``/bin/tlbtick`` and ``/bin/powerbtn``
+    (``guest/*.c``, compiled with ``gcc -static``).  An ACPI power-down (QMP
+    ``system_powerdown``) makes the guest stop its workloads, sync and power
+    off, so QEMU exits.
 
 A third file, ``image.json``, records what the image was built from: the
 hash of the guest sources and the kernel package and version.  A build whose
@@ -80,10 +83,13 @@ BUILD_FORMAT = 3
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
-GUEST_SOURCES = ("init", "common.h", "memtouch.c", "diskwrite.c", "tlbtick.c")
-GUEST_PROGRAMS = ("memtouch", "diskwrite", "tlbtick")
+#: Every file under ``guest/`` the image is made from: all are hashed into the stamp.
+GUEST_SOURCES = ("init", "common.h", "memtouch.c", "diskwrite.c", "tlbtick.c", "powerbtn.c")
+GUEST_PROGRAMS = ("memtouch", "diskwrite", "tlbtick", "powerbtn")
 #: The modules the guest needs; their dependencies are added from ``depends=``.
-ROOT_MODULES = ("virtio_pci", "virtio_net", "virtio_blk")
+#: ``button`` (ACPI power button) and ``evdev`` (its /dev/input/event node) let
+#: ``/bin/powerbtn`` see an ACPI power-down (Debian builds both as modules).
+ROOT_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "evdev", "button")
 
 Progress = Callable[[str], None]
 
