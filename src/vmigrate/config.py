@@ -56,6 +56,8 @@ class HostConfig(_Model):
     vm_bridge: str | None = None
     pools: dict[str, Path] = Field(default_factory=dict)
     qemu_binary: str = "qemu-system-x86_64"
+    #: how to run this package on the host (disk transfers run it there)
+    vmigrate_command: list[str] = Field(default_factory=lambda: ["vmigrate"])
     accel: Literal["kvm", "tcg"] = "kvm"
     #: x509 credentials for QEMU's TLS migration (ca-cert.pem, server-*.pem, client-*.pem);
     #: default ``<data_dir>/tls``

@@ -16,11 +16,18 @@ and says whose fault it is through its class:
         ``HostUnreachableError`` -- no SSH session could be opened.
         ``CommandError`` -- a command on the host exited non-zero; carries
           argv, exit status and stderr.
+        ``NbdError`` -- an NBD server refused a request (carries the errno
+          name it sent), broke the protocol, or the connection was lost.
     ``QemuError`` -- QEMU failed.
         ``QmpError`` -- a QMP command failed or the monitor went away.
         ``VmStartError`` -- QEMU exited before it came up.
         ``GuestTimeoutError`` -- the guest did not show the expected sign of life
           (a console line) in time.
+    ``TransferError`` -- a disk transfer failed; what was committed stays on
+      the receiver, and rerunning the transfer resumes it.
+        ``TransferIntegrityError`` -- the stream did not authenticate (wrong
+          key, altered frames) or the copy does not match its source; nothing
+          was marked complete.
     ``LabError`` -- building or tearing down the lab failed.
     ``StoreError`` -- the state database is unreadable or of an unknown version.
 
@@ -91,6 +98,21 @@ class CommandError(HostError):
         super().__init__(f"on {host}: {argv[0] if argv else '?'} exited {status}: {tail}")
 
 
+class NbdError(HostError):
+    """An NBD export failed a request, sent garbage, or the connection was lost.
+
+    ``errno``/``errno_name`` are set when the server replied with an error
+    value (``EIO``, ``ENOSPC``, ...), and ``None`` for transport failures.
+    """
+
+    def __init__(
+        self, message: str, errno: int | None = None, errno_name: str | None = None
+    ) -> None:
+        self.errno = errno
+        self.errno_name = errno_name
+        super().__init__(message)
+
+
 class QemuError(VmigrateError):
     """QEMU failed."""
 
@@ -109,6 +131,16 @@ class VmStartError(QemuError):
 
 class GuestTimeoutError(QemuError):
     """The guest did not show the expected sign of life in time."""
+
+
+class TransferError(VmigrateError):
+    """A disk transfer failed; committed chunks stay on the receiver for a resume."""
+
+
+class TransferIntegrityError(TransferError):
+    """Wrong key, an altered stream, or a copy that does not match its source."""
+
+    exit_code = 6
 
 
 class LabError(VmigrateError):

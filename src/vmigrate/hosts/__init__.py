@@ -5,9 +5,9 @@ A host needs only sshd, QEMU and this package: there is no agent daemon.
 
 from __future__ import annotations
 
-from vmigrate.hosts._base import CommandResult, Host
+from vmigrate.hosts._base import CommandResult, Host, HostProcess
 from vmigrate.hosts._local import LocalHost
 from vmigrate.hosts._open import open_host
 from vmigrate.hosts._ssh import SSHHost
 
-__all__ = ["CommandResult", "Host", "LocalHost", "SSHHost", "open_host"]
+__all__ = ["CommandResult", "Host", "HostProcess", "LocalHost", "SSHHost", "open_host"]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from vmigrate.errors import CommandError
 
@@ -20,6 +21,37 @@ class CommandResult:
     status: int
     stdout: str
     stderr: str
+
+
+class StreamReaderLike(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+    async def readline(self) -> bytes: ...
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class StreamWriterLike(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def write_eof(self) -> None: ...
+
+
+class HostProcess(ABC):
+    """A long-running command on a host with its three byte streams open.
+
+    Closing stdin is the process's cue to end (vmigrate's own remote commands
+    treat end of stdin as "the controller is gone")."""
+
+    stdin: StreamWriterLike
+    stdout: StreamReaderLike
+    stderr: StreamReaderLike
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Wait for the end; the exit status (255 when the host connection died)."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop it now (SIGKILL locally; over SSH, close the channel and signal)."""
 
 
 class Host(ABC):
@@ -51,6 +83,10 @@ class Host(ABC):
     @abstractmethod
     async def get_file(self, remote: str, local: Path) -> None:
         """Copy ``remote`` on the host to the controller's file ``local``."""
+
+    @abstractmethod
+    async def spawn(self, argv: Sequence[str]) -> HostProcess:
+        """Start ``argv`` with pipes for stdin, stdout and stderr."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection, if any."""

@@ -11,7 +11,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from vmigrate.errors import HostError
-from vmigrate.hosts._base import Host
+from vmigrate.hosts._base import Host, HostProcess
+
+
+class _LocalProcess(HostProcess):
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        assert proc.stdin and proc.stdout and proc.stderr
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.pid = proc.pid
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    def kill(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
 
 def _copy(src: Path, dst: Path, host: str) -> None:
@@ -54,6 +72,16 @@ class LocalHost(Host):
             raise
         assert proc.returncode is not None
         return proc.returncode, out, err
+
+    async def spawn(self, argv: Sequence[str]) -> HostProcess:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=1 << 20,
+            )
+        except OSError as exc:
+            raise HostError(f"{self.name}: cannot run {argv[0]}: {exc}") from exc
+        return _LocalProcess(proc)
 
     async def put_file(self, local: Path, remote: str) -> None:
         await asyncio.to_thread(_copy, local, Path(remote), self.name)

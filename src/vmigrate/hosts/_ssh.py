@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
@@ -14,7 +15,27 @@ from pathlib import Path
 import asyncssh
 
 from vmigrate.errors import HostError, HostUnreachableError
-from vmigrate.hosts._base import Host
+from vmigrate.hosts._base import Host, HostProcess
+
+
+class _SSHProcess(HostProcess):
+    def __init__(self, proc: asyncssh.SSHClientProcess[bytes]) -> None:
+        self._proc = proc
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    async def wait(self) -> int:
+        try:
+            res = await self._proc.wait(check=False)
+        except (OSError, asyncssh.Error):
+            return 255
+        return res.exit_status if res.exit_status is not None else 255
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self._proc.send_signal("KILL")
+        self._proc.close()
 
 _FWD_PREFIX = "vmigrate-fwd-"
 
@@ -99,6 +120,15 @@ class SSHHost(Host):
         out = res.stdout if isinstance(res.stdout, bytes) else b""
         err = res.stderr if isinstance(res.stderr, bytes) else b""
         return status, out, err
+
+    async def spawn(self, argv: Sequence[str]) -> HostProcess:
+        conn = await self._connection()
+        try:
+            proc = await conn.create_process(shlex.join(argv), encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            self._conn = None
+            raise HostUnreachableError(f"lost connection to host {self.name}: {exc}") from exc
+        return _SSHProcess(proc)
 
     async def put_file(self, local: Path, remote: str) -> None:
         conn = await self._connection()

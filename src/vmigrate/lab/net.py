@@ -29,6 +29,8 @@ import fcntl
 import functools
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -316,6 +318,21 @@ def link_up(home: Path, host: str, name: str | None = None) -> None:
     _set_link(home, host, name, "up")
 
 
+def link_bytes(home: Path, host: str, name: str | None = None) -> tuple[int, int]:
+    """(received, sent) bytes so far on ``host``'s migration interface, as the kernel
+    counts them (IP and TCP headers included): an independent wire measurement."""
+    _state, plan = _load(_abs(home), name)
+    hp = _host_plan(plan, host)
+    base = Path("/sys/class/net") / hp.mig_if / "statistics"
+    script = f"cat {base}/rx_bytes {base}/tx_bytes"
+    res = subprocess.run(["ip", "netns", "exec", hp.netns, "sh", "-c", script],
+                         capture_output=True, text=True, check=False)
+    fields = res.stdout.split()
+    if res.returncode != 0 or len(fields) != 2:
+        raise LabError(f"cannot read {hp.mig_if} counters in {hp.netns}: {res.stderr.strip()}")
+    return int(fields[0]), int(fields[1])
+
+
 def host_netns(home: Path, host: str, name: str | None = None) -> str:
     """The network namespace of lab host ``host`` (e.g. ``vml-h1``)."""
     _state, plan = _load(_abs(home), name)
@@ -478,6 +495,8 @@ class _Builder:
                 pools={"local": _host_dir(self.dir, hp.host) / "local",
                        "shared": self.dir / "shared"},
                 accel="tcg",
+                # lab hosts share this machine's files: they run this very package
+                vmigrate_command=[sys.executable, "-m", "vmigrate"],
             )
             for hp in p.hosts
         }

@@ -1,0 +1,5 @@
+"""python -m vmigrate"""
+
+from vmigrate.cli.main import main
+
+main()

@@ -1,0 +1,226 @@
+"""``vmigrate copy-disk`` (rsync for VM images) and the ``vmigrate transfer`` ends
+that the controller starts on hosts."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from vmigrate.cli._common import CTX, err, out, print_json, run
+from vmigrate.errors import UserError
+from vmigrate.lab._plan import parse_rate
+from vmigrate.transfer import agent
+from vmigrate.transfer.crypto import CIPHERS
+from vmigrate.transfer.engine import CHUNK_SIZE, SendOptions
+from vmigrate.transfer.remote import Outcome, Place, copy, parse_place
+
+app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True,
+    help="The two ends of a disk transfer, as the controller starts them on hosts "
+    "(over SSH; the key comes on stdin). Use 'vmigrate copy-disk' yourself.",
+)
+
+FormatOpt = Annotated[str, typer.Option("--target-format", help="raw or qcow2.")]
+
+
+def _mib(n: Any) -> str:
+    return f"{(n or 0) / 1048576:.1f} MiB"
+
+
+class _Bar:
+    """A progress bar on a terminal; a line every 5 s otherwise."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.tty = enabled and err.is_terminal
+        self.enabled = enabled
+        self.label = label
+        self.bar: Progress | None = None
+        self._last = 0.0
+
+    def __enter__(self) -> _Bar:
+        if self.tty:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=err, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.label, total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=ev.get("total"), completed=ev.get("done", 0))
+        elif self.enabled and time.monotonic() - self._last >= 5:
+            self._last = time.monotonic()
+            total = ev.get("total") or 0
+            pct = 100 * (ev.get("done") or 0) / total if total else 0
+            err.print(f"{self.label}: {pct:5.1f}% of {_mib(total)}, "
+                      f"{_mib(ev.get('wire_bytes'))} on the wire")
+
+
+def render(o: Outcome) -> None:
+    d = o.as_dict()
+    secs = d["seconds"] or 1e-9
+    out.print(f"copied {_mib(d['image_bytes'])} in {secs:.1f} s over {d['transport']}: "
+              f"{_mib(d['data_bytes'])} data, {_mib(d['zero_bytes'])} zeros skipped, "
+              f"{_mib(d['skipped_bytes'])} already there, {_mib(d['resent_bytes'])} resent; "
+              f"{_mib(d['wire_bytes'])} on the wire "
+              f"({(d['wire_bytes'] or 0) * 8 / secs / 1e6:.0f} Mbit/s); "
+              f"verified: {d['verified']}")
+
+
+def _bandwidth(text: str | None) -> float | None:
+    return parse_rate(text) / 8 if text else None
+
+
+def _options(target_format: str, chunk_size: int, cipher: str, compress: str, verify: str,
+             bandwidth: str | None, final: bool, overwrite: bool, window: int) -> SendOptions:
+    if target_format not in ("raw", "qcow2"):
+        raise UserError(f"--target-format must be raw or qcow2, not {target_format!r}")
+    if cipher not in CIPHERS:
+        raise UserError(f"--cipher must be one of {', '.join(CIPHERS)}")
+    if compress not in ("auto", "off") and not compress.lstrip("-").isdigit():
+        raise UserError("--compress is auto, off or a zstd level (1-19)")
+    if verify not in ("full", "journal"):
+        raise UserError("--verify is full or journal")
+    if chunk_size < 65536 or chunk_size > 16 << 20 or chunk_size & (chunk_size - 1):
+        raise UserError("--chunk-size is a power of two from 64 KiB to 16 MiB")
+    return SendOptions(target_format=target_format, chunk_size=chunk_size, cipher=cipher,
+                       compress=compress, bandwidth=_bandwidth(bandwidth),
+                       verify=verify,  # type: ignore[arg-type]
+                       final=final, overwrite=overwrite, window=window)
+
+
+CipherOpt = Annotated[str, typer.Option(help="aes-256-gcm or sm4-gcm (if OpenSSL has it).")]
+CompressOpt = Annotated[str, typer.Option(
+    help="zstd: auto (level follows the bottleneck), off, or a fixed level.")]
+VerifyOpt = Annotated[str, typer.Option(
+    help="full: re-read and hash the whole copy at the end; journal: trust the ids "
+    "checked as each chunk was written.")]
+BandwidthOpt = Annotated[str | None, typer.Option(
+    help="Cap, in tc rate syntax: 200mbit, 50MBps. Default: no cap.")]
+ChunkOpt = Annotated[int, typer.Option(help="Chunk size in bytes (power of two).")]
+WindowOpt = Annotated[int, typer.Option(help="Bytes in flight before waiting for acks.")]
+
+
+def copy_disk(
+    src: Annotated[str, typer.Argument(help="Source image: PATH on this machine or HOST:PATH.")],
+    dst: Annotated[str, typer.Argument(
+        help="Destination: HOST:PATH (an inventory host) or a PATH here.")],
+    target_format: Annotated[str | None, typer.Option(
+        "--format", help="Format of the copy: raw or qcow2 (default: the source's).")] = None,
+    source_format: Annotated[str | None, typer.Option(
+        help="Format of the source (default: probed).")] = None,
+    bandwidth: BandwidthOpt = None,
+    transport: Annotated[str, typer.Option(
+        help="tcp: straight between hosts on the migration network; ssh: through this "
+        "machine over SSH; auto: tcp between two hosts, else ssh.")] = "auto",
+    cipher: CipherOpt = "aes-256-gcm",
+    compress: CompressOpt = "auto",
+    verify: VerifyOpt = "full",
+    chunk_size: ChunkOpt = CHUNK_SIZE,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Copy a VM disk image to a host: zeros skipped, compressed, encrypted, verified.
+
+    An interrupted copy (killed, link lost) resumes when rerun with the same
+    arguments: the receiver keeps a journal next to DST, and only the chunks
+    it lacks are sent again. DST appears only once the copy has been verified
+    against the source; until then it is DST.vmxfer-partial.
+
+    Exit status: 0 copied and verified; 1 failed (rerun to resume); 2 bad
+    request; 6 the stream or the copy did not verify (wrong key, altered data).
+    """
+    if transport not in ("auto", "ssh", "tcp"):
+        raise UserError("--transport is auto, ssh or tcp")
+    src_place, dst_place = parse_place(src), parse_place(dst)
+    fmt = target_format
+    if fmt is None:
+        fmt = source_format or _probe_local(src_place) or "raw"
+    opts = _options(fmt, chunk_size, cipher, compress, verify, bandwidth, True, overwrite,
+                    16 << 20)
+    inv = CTX.inventory(required=src_place.host is not None or dst_place.host is not None)
+    with _Bar(f"{src_place} -> {dst_place}", enabled=True) as bar:
+        outcome = run(copy(inv, src_place, dst_place, opts,
+                           transport=transport,  # type: ignore[arg-type]
+                           source_format=source_format, progress=bar))
+    if as_json:
+        print_json(outcome.as_dict())
+    else:
+        render(outcome)
+
+
+def _probe_local(place: Place) -> str | None:
+    if place.host is not None:
+        return None
+    from vmigrate.transfer.disks import probe_format
+    return probe_format(Path(place.path))
+
+
+@app.command("receive")
+def receive(
+    target: Annotated[Path, typer.Argument(help="Where the image goes.")],
+    listen: Annotated[str | None, typer.Option(
+        help="ADDRESS:PORT to accept the sender's TCP connection on (port 0: any).")] = None,
+    stdio: Annotated[bool, typer.Option(
+        help="The stream is on stdin/stdout, after the key line.")] = False,
+) -> None:
+    """Receive one transfer (run by the controller on the destination host)."""
+    if (listen is None) == (not stdio):
+        raise UserError("give exactly one of --listen ADDRESS:PORT and --stdio")
+    target = target.absolute()
+    sys.exit(agent.run(lambda: agent.receive(target, listen=listen)))
+
+
+@app.command("send")
+def send(
+    source: Annotated[Path | None, typer.Option(help="Image file to send.")] = None,
+    source_format: Annotated[str | None, typer.Option(help="raw or qcow2 (probed).")] = None,
+    nbd: Annotated[str | None, typer.Option(
+        help="Read from this NBD server instead (unix:PATH or tcp:HOST:PORT).")] = None,
+    export: Annotated[str, typer.Option(help="NBD export name.")] = "",
+    bitmap: Annotated[str | None, typer.Option(help="Dirty bitmap of the export.")] = None,
+    delta: Annotated[bool, typer.Option(help="Send only what the bitmap marks dirty.")] = False,
+    manifest: Annotated[Path | None, typer.Option(
+        help="Chunk ids kept across rounds (written; read with --delta).")] = None,
+    connect: Annotated[str | None, typer.Option(help="Receiver's ADDRESS:PORT.")] = None,
+    stdio: Annotated[bool, typer.Option(help="The stream is on stdin/stdout.")] = False,
+    target_format: FormatOpt = "raw",
+    chunk_size: ChunkOpt = CHUNK_SIZE,
+    cipher: CipherOpt = "aes-256-gcm",
+    compress: CompressOpt = "auto",
+    verify: VerifyOpt = "full",
+    bandwidth: Annotated[str | None, typer.Option(help="Cap in bytes/s or tc syntax.")] = None,
+    window: WindowOpt = 16 << 20,
+    final: Annotated[bool, typer.Option(
+        help="Last round: verify and rename. --no-final: an incremental round.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing target.")] = False,
+) -> None:
+    """Send one transfer (run by the controller on the source host)."""
+    if (connect is None) == (not stdio):
+        raise UserError("give exactly one of --connect ADDRESS:PORT and --stdio")
+    bw = str(int(float(bandwidth) * 8)) + "bit" if bandwidth and bandwidth.isdigit() \
+        else bandwidth
+    opts = _options(target_format, chunk_size, cipher, compress, verify, bw, final, overwrite,
+                    window)
+    source = source.absolute() if source is not None else None
+    sys.exit(agent.run(lambda: agent.send(
+        source=source, source_format=source_format, nbd=nbd, export=export, bitmap=bitmap,
+        delta=delta, connect=connect, manifest=manifest, opts=opts)))
+

@@ -1,0 +1,284 @@
+"""The controller's side of a transfer: start both ends on their hosts, connect
+them, relay progress, and turn their outcome into one result or one error.
+
+Two ways to connect the ends:
+
+* ``tcp``: the receiver listens on the destination's migration address and the
+  sender connects to it, so the bytes take the migration network and never
+  touch the controller (the default between two inventory hosts);
+* ``ssh``: both ends speak on their stdin/stdout over their SSH channels and
+  the controller relays the bytes, as rsync does (the default when one end is
+  this machine).
+
+Either way the stream carries its own AES-256-GCM, so the relay and the
+network see only ciphertext; the key goes to each end over SSH on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from vmigrate.config import HostConfig, Inventory
+from vmigrate.errors import (
+    SpecError,
+    TransferError,
+    TransferIntegrityError,
+    UserError,
+)
+from vmigrate.hosts import Host, HostProcess, LocalHost, open_host
+from vmigrate.transfer.crypto import new_key
+from vmigrate.transfer.engine import SendOptions
+
+log = logging.getLogger(__name__)
+
+Transport = Literal["auto", "ssh", "tcp"]
+LISTEN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Place:
+    """An image's place: an inventory host (None: this machine) and a path there."""
+
+    host: str | None
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.path}" if self.host else self.path
+
+
+def parse_place(text: str) -> Place:
+    """``HOST:PATH`` or a local ``PATH`` (a colon after a slash belongs to the path)."""
+    head, sep, tail = text.partition(":")
+    if sep and head and "/" not in head:
+        if not tail.startswith("/"):
+            raise SpecError(f"{text}: a path on a host must be absolute")
+        return Place(head, tail)
+    return Place(None, os.path.abspath(text))
+
+
+@dataclass(frozen=True)
+class NbdSource:
+    """A running VM's disk, exported by its QEMU on the source host."""
+
+    address: str          # unix:/path or tcp:host:port, as seen on the source host
+    export: str
+    bitmap: str | None = None
+    delta: bool = False   # send only what the bitmap marks dirty
+
+
+@dataclass
+class Outcome:
+    """What both ends reported at the end."""
+
+    sender: dict[str, Any] = field(default_factory=dict)
+    receiver: dict[str, Any] = field(default_factory=dict)
+    transport: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.sender
+        return {
+            "transport": self.transport, "seconds": round(self.seconds, 3),
+            "image_bytes": s.get("total"), "data_bytes": s.get("data_bytes"),
+            "zero_bytes": s.get("zero_bytes"), "skipped_bytes": s.get("skipped_bytes"),
+            "resent_bytes": s.get("resent_bytes"), "wire_bytes": s.get("wire_bytes"),
+            "verified": self.receiver.get("verified"),
+            "resumed": self.receiver.get("resumed"), "final": self.receiver.get("final"),
+        }
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class _End:
+    """One running end and what it said on stderr."""
+
+    def __init__(self, name: str, proc: HostProcess, on_progress: ProgressFn | None,
+                 *, listens: bool = False) -> None:
+        self.name = name
+        self.proc = proc
+        self.on_progress = on_progress
+        self.done: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not listens:
+            self.listening.set_result(0)
+        self.logs: list[str] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            line = await self.proc.stderr.readline()
+            if not line:
+                break
+            try:
+                ev = json.loads(line)
+                kind = ev.pop("event")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                text = line.decode(errors="replace").rstrip()
+                self.logs = ([*self.logs, text])[-20:]
+                log.debug("%s: %s", self.name, text)
+                continue
+            if kind == "progress" and self.on_progress:
+                self.on_progress(ev)
+            elif kind == "listening" and not self.listening.done():
+                self.listening.set_result(int(ev["port"]))
+            elif kind == "done":
+                self.done = ev
+            elif kind == "error":
+                self.error = ev
+        if not self.listening.done():
+            self.listening.set_exception(self.failure("ended before listening"))
+
+    def failure(self, fallback: str) -> TransferError:
+        if self.error is not None:
+            cls = TransferIntegrityError if self.error.get("integrity") else TransferError
+            return cls(f"{self.name}: {self.error.get('error')}")
+        tail = "; ".join(self.logs[-3:])
+        return TransferError(f"{self.name}: {fallback}" + (f" ({tail})" if tail else ""))
+
+
+def _command(cfg: HostConfig | None) -> list[str]:
+    return list(cfg.vmigrate_command) if cfg is not None else [sys.executable, "-m", "vmigrate"]
+
+
+async def _pipe(src: Any, dst: Any) -> None:
+    while True:
+        data = await src.read(1 << 20)
+        if not data:
+            with contextlib.suppress(OSError, ConnectionError):
+                dst.write_eof()
+            return
+        dst.write(data)
+        await dst.drain()
+
+
+def sender_args(opts: SendOptions) -> list[str]:
+    args = ["--target-format", opts.target_format, "--chunk-size", str(opts.chunk_size),
+            "--cipher", opts.cipher, "--compress", opts.compress, "--verify", opts.verify,
+            "--window", str(opts.window)]
+    if opts.bandwidth:
+        args += ["--bandwidth", str(int(opts.bandwidth))]
+    if not opts.final:
+        args.append("--no-final")
+    if opts.overwrite:
+        args.append("--overwrite")
+    return args
+
+
+async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
+               opts: SendOptions, *, transport: Transport = "auto",
+               source_format: str | None = None, manifest: str | None = None,
+               progress: ProgressFn | None = None,
+               hosts: dict[str, Host] | None = None) -> Outcome:
+    """Copy an image (or, from an :class:`NbdSource`, a running VM's disk) to ``dst``.
+
+    Raises :class:`TransferError` when it fails (rerunning resumes) and
+    :class:`TransferIntegrityError` when the stream or the copy does not verify."""
+    src_host_name = src[0] if isinstance(src, tuple) else src.host
+    opened: list[Host] = []
+    hosts = dict(hosts or {})
+
+    def host_of(name: str | None) -> tuple[Host, HostConfig | None]:
+        if name is None:
+            return LocalHost("local"), None
+        cfg = inv.host(name)
+        if name not in hosts:
+            hosts[name] = open_host(cfg)
+            opened.append(hosts[name])
+        return hosts[name], cfg
+
+    s_host, s_cfg = host_of(src_host_name)
+    d_host, d_cfg = host_of(dst.host)
+    if transport == "auto":
+        transport = "tcp" if (s_cfg and d_cfg and s_cfg.migration_address
+                              and d_cfg.migration_address) else "ssh"
+    if transport == "tcp" and d_cfg is not None and not d_cfg.migration_address:
+        raise UserError(f"host {d_cfg.name} has no migration_address for --transport tcp")
+    if not PurePosixPath(dst.path).is_absolute():
+        raise SpecError(f"{dst}: the destination path must be absolute")
+
+    send_argv = [*_command(s_cfg), "transfer", "send", *sender_args(opts)]
+    if isinstance(src, tuple):
+        nbd = src[1]
+        send_argv += ["--nbd", nbd.address, "--export", nbd.export]
+        if nbd.bitmap:
+            send_argv += ["--bitmap", nbd.bitmap]
+        if nbd.delta:
+            send_argv.append("--delta")
+    else:
+        send_argv += ["--source", src.path]
+        if source_format:
+            send_argv += ["--source-format", source_format]
+    if manifest:
+        send_argv += ["--manifest", manifest]
+    recv_argv = [*_command(d_cfg), "transfer", "receive", dst.path]
+
+    key_line = new_key().hex().encode() + b"\n"
+    ends: list[_End] = []
+    relays: list[asyncio.Task[None]] = []
+    t0 = time.monotonic()
+    try:
+        if transport == "tcp":
+            addr = d_cfg.migration_address if d_cfg and d_cfg.migration_address else "127.0.0.1"
+            recv = _End("receiver", await d_host.spawn([*recv_argv, "--listen", f"{addr}:0"]),
+                        None, listens=True)
+            ends.append(recv)
+            recv.proc.stdin.write(key_line)
+            await recv.proc.stdin.drain()
+            try:
+                port = await asyncio.wait_for(recv.listening, LISTEN_TIMEOUT_S)
+            except TimeoutError as exc:
+                raise TransferError("the receiver did not start listening") from exc
+            host_part = f"[{addr}]" if ":" in addr else addr
+            snd = _End("sender", await s_host.spawn(
+                [*send_argv, "--connect", f"{host_part}:{port}"]), progress)
+            ends.append(snd)
+            snd.proc.stdin.write(key_line)
+            await snd.proc.stdin.drain()
+        else:
+            recv = _End("receiver", await d_host.spawn([*recv_argv, "--stdio"]), None)
+            ends.append(recv)
+            snd = _End("sender", await s_host.spawn([*send_argv, "--stdio"]), progress)
+            ends.append(snd)
+            for e in ends:
+                e.proc.stdin.write(key_line)
+            relays = [asyncio.create_task(_pipe(snd.proc.stdout, recv.proc.stdin)),
+                      asyncio.create_task(_pipe(recv.proc.stdout, snd.proc.stdin))]
+        statuses = list(await asyncio.gather(snd.proc.wait(), recv.proc.wait()))
+        await asyncio.gather(snd.reader, recv.reader)
+        if statuses != [0, 0] or snd.done is None or recv.done is None:
+            # the receiver's account of an integrity failure is the one to show
+            for e in (recv, snd):
+                if e.error and e.error.get("integrity"):
+                    raise e.failure("")
+            for e in (recv, snd):
+                if e.error:
+                    raise e.failure("")
+            bad, status = (snd, statuses[0]) if statuses[0] != 0 else (recv, statuses[1])
+            raise bad.failure(f"exited with status {status}")
+        out = Outcome(snd.done, recv.done, transport, time.monotonic() - t0)
+        for e in ends:
+            with contextlib.suppress(OSError, ConnectionError):
+                e.proc.stdin.write_eof()
+        return out
+    finally:
+        for r in relays:
+            r.cancel()
+        for e in ends:
+            if e.done is None and e.error is None:
+                e.proc.kill()
+            e.reader.cancel()
+        for h in opened:
+            with contextlib.suppress(Exception):
+                await h.close()
