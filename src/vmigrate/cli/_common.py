@@ -45,3 +45,4 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+

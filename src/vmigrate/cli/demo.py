@@ -22,6 +22,7 @@ from vmigrate.lab.image import build_image
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ping
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
+from vmigrate.migration.cold import DiskMoveOptions, WarmMigration
 from vmigrate.migration.live import LiveMigration, Progress
 from vmigrate.migration.online import OnlineMigration, OnlineOptions
 from vmigrate.plan.policy import BUILTIN, MigrationOptions
@@ -30,6 +31,7 @@ from vmigrate.store import Store
 
 GUEST = "demo-guest"
 DISK_GUEST = "demo-disk"
+WARM_GUEST = "demo-warm"
 #: the online guest's disk: 1 GiB, thin, 64 MiB of data; the guest appends records to it
 DISK_SIZE, DISK_DATA = 1 << 30, 64 << 20
 DISK_WORKLOAD = "diskwrite:dev=/dev/vda,rate=50"
@@ -89,6 +91,7 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
         _step(f"destroying {GUEST}")
         await svc.destroy(GUEST)
         await _online(inv, store, svc, home, summary)
+        await _warm(inv, store, svc, home, summary)
     store.close()
 
 
@@ -123,6 +126,32 @@ async def _online(inv: Inventory, store: Store, svc: VmService, home: Path,
                                      "on_target": verify_diskwrite_records(target)}
     _step(f"destroying {DISK_GUEST}")
     await svc.destroy(DISK_GUEST)
+
+
+async def _warm(inv: Inventory, store: Store, svc: VmService, home: Path,
+                summary: dict[str, Any]) -> None:
+    """A guest writing records to its own disk moves warm: base copy and rounds on our
+    transfer engine while it runs, then a short stop for the last delta; the
+    acknowledged records are checked on h2's copy before it boots there."""
+    pool = inv.host("h1").pools["local"]
+    disk = pool / f"{WARM_GUEST}.raw"
+    thin_raw_image(disk, DISK_SIZE, DISK_DATA)
+    _step(f"starting {WARM_GUEST} on h1 with its disk in h1's local pool ({DISK_WORKLOAD})")
+    await svc.create(CreateRequest(name=WARM_GUEST, host="h1", memory="128M",
+                                   disks=[f"{disk},format=raw,cache=none"],
+                                   workload=DISK_WORKLOAD))
+    console = ConsoleFollower(svc, WARM_GUEST)
+    await console.wait(r"DISKWRITE ack=\d+", timeout=180, on_line=_console_line)
+    _step(f"warm-migrating {WARM_GUEST} h1 -> h2: base copy and incremental rounds while it "
+          "runs (encrypted, verified), then it stops for the last delta only")
+    mig = WarmMigration(inv, store, AuditLog(home / "audit.jsonl"), WARM_GUEST, "h2",
+                        MigrationOptions(policy=BUILTIN["balanced"]),
+                        on_progress=_DemoProgress(), online=OnlineOptions(),
+                        disk_opts=DiskMoveOptions(shutdown_timeout=20))
+    report = await mig.run()
+    summary["warm"] = report.model_dump(mode="json")
+    _step(f"destroying {WARM_GUEST}")
+    await svc.destroy(WARM_GUEST)
 
 
 class _DemoProgress:
@@ -179,6 +208,8 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
         render_report(mig)
     if onl := summary.get("online"):
         render_report(onl)
+    if warm := summary.get("warm"):
+        render_report(warm)
     table = Table(title="vmigrate demo", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -203,6 +234,13 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
                       f"ready in {disk.get('ready_s')} s, observed downtime "
                       f"{_ms(onl.get('observed_downtime_ms'))}; records on h2's copy: "
                       f"{rec.get('on_target')} valid, {rec.get('acknowledged')} acknowledged")
+    if warm:
+        rounds = "; ".join(st["detail"] for st in warm.get("steps", []))
+        rec = (warm["verification"].get("records") or {}).get("/dev/vda", {})
+        table.add_row("warm migration", f"{warm['status']} in {warm['total_time_s']} s "
+                      f"({rounds}); downtime {_ms(warm.get('observed_downtime_ms'))}; "
+                      f"records on h2's copy: {rec.get('found')} valid, "
+                      f"{rec.get('acked')} acknowledged")
     table.add_row("total time", f"{summary['seconds']} s")
     table.add_row("teardown", "lab removed" if not keep else "lab kept")
     out.print(table)

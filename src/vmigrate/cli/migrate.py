@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import typer
@@ -13,6 +14,7 @@ from vmigrate.cli._common import CTX, err, out, print_json, run
 from vmigrate.config import state_home
 from vmigrate.errors import UserError
 from vmigrate.migration import live
+from vmigrate.migration.cold import ColdMigration, DiskMoveOptions, WarmMigration
 from vmigrate.migration.online import OnlineMigration, OnlineOptions
 from vmigrate.migration.recover import Recovery, controller_alive, recover
 from vmigrate.plan.policy import (
@@ -146,22 +148,51 @@ def render_report(r: dict[str, Any]) -> None:
     out.print(table)
 
 
+def parse_cutover(text: str) -> float:
+    """``HH:MM`` (today, local time), ``+SECONDS`` or epoch seconds -> epoch seconds."""
+    import datetime as dt
+    t = text.strip()
+    try:
+        if t.startswith("+"):
+            return time.time() + float(t[1:])
+        if ":" in t:
+            hh, mm = t.split(":", 1)
+            when = dt.datetime.now().replace(hour=int(hh), minute=int(mm), second=0,
+                                             microsecond=0)
+            return when.timestamp()
+        return float(t)
+    except ValueError:
+        raise UserError(f"invalid --cutover {text!r}: use HH:MM, +SECONDS or an epoch "
+                        "time") from None
+
+
 def migrate(
     name: Annotated[str, typer.Argument(help="VM to move.")],
     to: Annotated[str, typer.Option("--to", help="Destination host (inventory name).")],
     mode: Annotated[str, typer.Option(
         help="live: memory only, the disks stay where they are (shared storage). online: "
         "memory and disks, copied over NBD into a pool of the destination (no shared "
-        "storage).")] = "live",
+        "storage). cold: shut the guest down, copy the disks (resumable, encrypted, "
+        "verified), start it on the destination. warm: copy the disks while the guest "
+        "runs, then incremental rounds; it stops only for the last delta.")] = "live",
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="cold/warm: seconds the guest gets to power off after the ACPI button.")
+    ] = 60.0,
+    force: Annotated[bool, typer.Option(
+        help="cold/warm: stop the guest hard when it did not power off in time "
+        "(--no-force: fail instead, the guest runs on).")] = True,
+    cutover: Annotated[str | None, typer.Option(
+        help="warm: when to cut over: HH:MM (today, local time), +SECONDS, or an epoch "
+        "time. Rounds go on until then. Default: as soon as a round is small.")] = None,
     target_storage: Annotated[str | None, typer.Option(
-        help="online: the destination pool the disks go to (inventory [hosts.X.pools]); "
+        help="online/cold/warm: the destination pool the disks go to (inventory [hosts.X.pools]); "
         "default: local.")] = None,
     target_format: Annotated[str | None, typer.Option(
-        help="online: raw or qcow2 for the copies (default: each disk's own format).")
+        help="online/cold/warm: raw or qcow2 for the copies (default: each disk's own format).")
     ] = None,
     delete_source: Annotated[bool, typer.Option(
-        "--delete-source", help="online: delete the source images once the VM runs on the "
-        "destination (kept by default).")] = False,
+        "--delete-source", help="online/cold/warm: delete the source images once the VM "
+        "runs on the destination (kept by default).")] = False,
     policy: Annotated[str, typer.Option(
         help="Convergence policy: balanced, minimal-downtime, postcopy, suspend, or one "
         "defined under policies in the inventory.")] = "balanced",
@@ -187,11 +218,14 @@ def migrate(
     5 when the VM moved but the checks after the switchover failed (the guest
     crashed or rebooted on the destination, or the lab guest's memory check failed).
     """
-    if mode not in ("live", "online"):
-        raise UserError(f"unknown --mode {mode!r}: use live or online")
+    if mode not in ("live", "online", "cold", "warm"):
+        raise UserError(f"unknown --mode {mode!r}: use live, online, cold or warm")
     if mode == "live" and (target_storage or target_format or delete_source):
         raise UserError("--target-storage, --target-format and --delete-source need "
-                        "--mode online")
+                        "--mode online, cold or warm")
+    if cutover is not None and mode != "warm":
+        raise UserError("--cutover needs --mode warm")
+    cutover_at = parse_cutover(cutover) if cutover is not None else None
     if target_format not in (None, "raw", "qcow2"):
         raise UserError(f"unknown --target-format {target_format!r}: use raw or qcow2")
     if compress not in (None, "zstd", "xbzrle"):
@@ -208,11 +242,19 @@ def migrate(
     )
     store = CTX.store()
     with _Display(enabled=True) as display:
-        if mode == "online":
-            job: live.LiveMigration = OnlineMigration(
-                inv, store, _audit(), name, to, opts, on_progress=display,
-                online=OnlineOptions(target_storage, target_format,  # type: ignore[arg-type]
-                                     delete_source))
+        storage = OnlineOptions(target_storage, target_format,  # type: ignore[arg-type]
+                                delete_source)
+        if mode in ("cold", "warm"):
+            cls = ColdMigration if mode == "cold" else WarmMigration
+            job: live.LiveMigration = cls(
+                inv, store, _audit(), name, to, opts, on_progress=display, online=storage,
+                disk_opts=DiskMoveOptions(
+                    shutdown_timeout=shutdown_timeout, force=force,
+                    bandwidth=float(opts.bandwidth) if opts.bandwidth else None,
+                    cutover_at=cutover_at))
+        elif mode == "online":
+            job = OnlineMigration(inv, store, _audit(), name, to, opts,
+                                  on_progress=display, online=storage)
         else:
             job = live.LiveMigration(inv, store, _audit(), name, to, opts,
                                      on_progress=display)

@@ -121,6 +121,13 @@ class Host(ABC):
             raise CommandError(self.name, ["cat", path], status, err.decode(errors="replace"))
         return out
 
+    async def read_head(self, path: str, length: int) -> bytes:
+        """The first ``length`` bytes of ``path`` (fewer if it is shorter)."""
+        status, out, err = await self._exec(["head", "-c", str(length), "--", path], None, 120.0)
+        if status != 0:
+            raise CommandError(self.name, ["head", path], status, err.decode(errors="replace"))
+        return out
+
     async def write_file(self, path: str, data: bytes) -> None:
         q = shlex.quote(path)
         script = f"cat > {q}.tmp && mv -f {q}.tmp {q}"

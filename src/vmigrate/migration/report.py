@@ -25,14 +25,18 @@ class Verification(BaseModel):
     guest_crash: str | None = None
     #: when no verdict came in time, or the guest crashed: the console's last lines
     console_tail: list[str] | None = None
+    #: lab guests running diskwrite, cold/warm: device -> {"acked": last ack on the
+    #: source, "found": valid records 1..n on the destination copy}
+    records: dict[str, dict[str, int]] | None = None
     source_running: bool | None = None  # after a rollback: the source runs on
     dest_clean: bool | None = None  # after a rollback: nothing left on the destination
 
     @property
     def failed(self) -> bool:
         """The VM moved but did not arrive intact (crashed, or a page check failed)."""
+        lost = any(r["found"] < r["acked"] for r in (self.records or {}).values())
         return (self.guest_crash is not None or self.memcheck in ("fail", "exited")
-                or self.answers_ping is False)
+                or self.answers_ping is False or lost)
 
 
 class MigrationReport(BaseModel):
