@@ -271,6 +271,11 @@ class ColdMigration(OnlineMigration):
     async def _finish(self) -> None:
         await self._check_records()
         self._phase("finish")
+        if not self._was_running:  # it was stopped: it stays stopped, now on the destination
+            await self._finish_storage()
+            self._cleanups.clear()
+            self.report.verification.dest_running = False
+            return
         self._cleanups.append(("stop the VM on the destination", self._stop_dest_vm))
         await process.start_vm(self.dst, self.dst_cfg, self.dest_spec)
         async with qmp_session(self.dst, process.vm_paths(self.dst_cfg, self.vm).qmp,

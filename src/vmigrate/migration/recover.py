@@ -135,33 +135,53 @@ async def recover(inventory: Inventory, store: Store, audit: AuditLog, job: JobR
                 "perform", "finish", "confirm"):
             dst_state = await release_held_dest()
         outcome, detail = "failed", ""
-        match job.phase:
-            case "begin":
-                detail = "the controller died in begin; nothing had been allocated"
-            case "prepare" | "perform":
-                status = await src_migration()
-                if status == "completed" and dst_state == VmState.RUNNING:
-                    await confirm()
-                    outcome, detail = "completed", "QEMU finished the migration on its own"
-                elif status.startswith("postcopy"):
-                    outcome = "needs-operator"
-                    detail = (f"the source is in {status}: the guest's memory is split; "
-                              "wait for it to complete or recover the link")
-                else:
-                    await roll_back()
-                    detail = f"rolled back from {job.phase} (source migration was {status})"
-            case "finish":
-                if dst_state == VmState.RUNNING:
-                    await confirm()
-                    outcome, detail = "completed", "the destination runs; source stopped"
-                else:
-                    outcome = "needs-operator"
-                    detail = f"the destination is {dst_state.value} after the switchover"
-            case "confirm":
+        if job.mode in ("cold", "warm"):
+            stopped = any(r.event == "decision" and r.data.get("decision") == "source-stopped"
+                          for r in records)
+            if job.phase in ("finish", "confirm") and dst_state == VmState.RUNNING:
                 await confirm()
-                outcome, detail = "completed", "confirm finished"
-            case _:
-                outcome, detail = "needs-operator", f"unknown phase {job.phase}"
+                outcome, detail = "completed", "the VM runs on the destination from its copies"
+            elif job.phase == "begin":
+                detail = "the controller died in begin; nothing had been allocated"
+            else:
+                await process.stop_vm(dst, dst_cfg, dest_spec, force=True)
+                await process.remove_vm_dir(dst, dst_cfg, job.vm)
+                for t in targets:  # finished copies; partial ones stay for a resume
+                    await images.remove_image(dst, t["target"])
+                if stopped and await process.vm_state(src, src_cfg, job.vm) != VmState.RUNNING:
+                    await process.stop_vm(src, src_cfg, spec, force=True)
+                    await process.start_vm(src, src_cfg, spec)
+                detail = (f"rolled back from {job.phase}"
+                          + ("; the source was restarted" if stopped else "")
+                          + "; partial copies kept, a new migration resumes them")
+        else:
+            match job.phase:
+                case "begin":
+                    detail = "the controller died in begin; nothing had been allocated"
+                case "prepare" | "perform":
+                    status = await src_migration()
+                    if status == "completed" and dst_state == VmState.RUNNING:
+                        await confirm()
+                        outcome, detail = "completed", "QEMU finished the migration on its own"
+                    elif status.startswith("postcopy"):
+                        outcome = "needs-operator"
+                        detail = (f"the source is in {status}: the guest's memory is split; "
+                                  "wait for it to complete or recover the link")
+                    else:
+                        await roll_back()
+                        detail = f"rolled back from {job.phase} (source migration was {status})"
+                case "finish":
+                    if dst_state == VmState.RUNNING:
+                        await confirm()
+                        outcome, detail = "completed", "the destination runs; source stopped"
+                    else:
+                        outcome = "needs-operator"
+                        detail = f"the destination is {dst_state.value} after the switchover"
+                case "confirm":
+                    await confirm()
+                    outcome, detail = "completed", "confirm finished"
+                case _:
+                    outcome, detail = "needs-operator", f"unknown phase {job.phase}"
         with contextlib.suppress(HostError, QmpError):
             detail += (f"; now: source {(await process.vm_state(src, src_cfg, job.vm)).value}"
                        f", destination {(await process.vm_state(dst, dst_cfg, job.vm)).value}")
