@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS="qemu-system-x86 qemu-utils busybox-static cpio iproute2 openssh-server openssh-client
-      gcc libc6-dev iputils-ping python3-venv"
+      gcc libc6-dev iputils-ping python3-venv rsync"
 missing=""
 for p in $DEBS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -8,7 +8,6 @@ migration link and measure the bytes on that link from the kernel's counters.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -24,18 +23,11 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Lab
+from tests.e2e.test_online import sha256
 from vmigrate.lab.net import link_bytes
 
 MiB = 1 << 20
 VMIGRATE = [sys.executable, "-m", "vmigrate"]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_image(path: Path, size: int, data: list[tuple[int, int]]) -> None:

@@ -101,14 +101,22 @@ class ColdMigration(OnlineMigration):
         self._cleanups.append(("delete finished copies on the destination",
                                self._remove_targets))
         self._dst_log_from = await process.console_size(self.dst, self.dst_cfg, self.vm)
+        await self._prepare_source(stack)
         self._phase("perform")
         self._start_probe()
         await self._before_stop()
         self._check_cancel()
         await self._stop_source()
         await self._copy_final()
+        await self._release_source()
         await self._finish()
         await self._confirm()
+
+    async def _prepare_source(self, stack: contextlib.AsyncExitStack) -> None:
+        """Warm: dirty tracking and an NBD server on the running source."""
+
+    async def _release_source(self) -> None:
+        """Warm: the source QEMU, kept for the last delta, goes."""
 
     async def _begin(self) -> None:
         self._phase("begin")
@@ -357,31 +365,20 @@ class WarmMigration(ColdMigration):
     def _manifest(self, index: int) -> str:
         return f"{process.vm_paths(self.src_cfg, self.vm).dir}/xfer-disk{index}.manifest"
 
-    async def _run_phases(self, stack: contextlib.AsyncExitStack) -> None:
-        await self._begin()
-        self._check_cancel()
+    async def _prepare_source(self, stack: contextlib.AsyncExitStack) -> None:
         self.src_qmp = await stack.enter_async_context(
             qmp_session(self.src, process.vm_paths(self.src_cfg, self.vm).qmp, vm=self.vm))
-        self._phase("prepare")
-        self._cleanups.append(("delete finished copies on the destination",
-                               self._remove_targets))
         self._cleanups.append(("drop dirty bitmaps and exports on the source",
                                self._drop_tracking))
-        self._dst_log_from = await process.console_size(self.dst, self.dst_cfg, self.vm)
         await self.src_qmp.execute("nbd-server-start", {
             "addr": {"type": "unix", "data": {"path": self._nbd_sock}}})
-        self._phase("perform")
-        self._start_probe()
-        await self._before_stop()
-        self._check_cancel()
-        await self._stop_source()
-        await self._copy_final()
+
+    async def _release_source(self) -> None:
         with contextlib.suppress(Exception):
+            assert self.src_qmp is not None
             await self.src_qmp.execute("quit")
         self.src_qmp = None
         await process.stop_vm(self.src, self.src_cfg, self.spec, force=True)
-        await self._finish()
-        await self._confirm()
 
     async def _new_bitmap(self, *, disable_previous: bool) -> None:
         """Start tracking into a fresh bitmap; freeze the previous one (one transaction,
