@@ -347,3 +347,12 @@ def test_copy_disk_bad_input(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr
     assert "missing.raw" in res.stderr
     assert not (tmp_path / "out.raw").exists()
+    # an existing destination is refused and left alone
+    src, dst = tmp_path / "a.raw", tmp_path / "b.raw"
+    random_image(src, MiB, [(0, MiB)])
+    dst.write_bytes(b"keep me")
+    res = subprocess.run([*VMIGRATE, "copy-disk", str(src), str(dst)], capture_output=True,
+                         text=True, env=env, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "already exists" in res.stderr
+    assert dst.read_bytes() == b"keep me"

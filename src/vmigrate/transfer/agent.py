@@ -123,7 +123,7 @@ def run(main: Callable[[], Awaitable[None]]) -> int:
         emit("error", error=str(exc), integrity=True)
         return 6
     except VmigrateError as exc:
-        emit("error", error=str(exc), integrity=False)
+        emit("error", error=str(exc), integrity=False, request=isinstance(exc, UserError))
         return exc.exit_code
     except KeyboardInterrupt:
         emit("error", error="interrupted", integrity=False)

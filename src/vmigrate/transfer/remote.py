@@ -34,6 +34,7 @@ from vmigrate.errors import (
     TransferError,
     TransferIntegrityError,
     UserError,
+    VmigrateError,
 )
 from vmigrate.hosts import Host, HostProcess, LocalHost, open_host
 from vmigrate.transfer.crypto import new_key
@@ -140,10 +141,13 @@ class _End:
         if not self.listening.done():
             self.listening.set_exception(self.failure("ended before listening"))
 
-    def failure(self, fallback: str) -> TransferError:
+    def failure(self, fallback: str) -> VmigrateError:
         if self.error is not None:
+            msg = f"{self.name}: {self.error.get('error')}"
+            if self.error.get("request"):  # a bad request (target exists, bad path ...)
+                return UserError(msg)
             cls = TransferIntegrityError if self.error.get("integrity") else TransferError
-            return cls(f"{self.name}: {self.error.get('error')}")
+            return cls(msg)
         tail = "; ".join(self.logs[-3:])
         return TransferError(f"{self.name}: {fallback}" + (f" ({tail})" if tail else ""))
 
