@@ -313,9 +313,9 @@ class Bench:
 
 
 def summarise(rows: list[dict[str, Any]], images: dict[str, dict[str, Any]]) -> str:
-    out = ["| link | image | method | time s | data / link | effective (virtual) / link | "
-           "wire MiB (h1 tx+rx) | time / ours | check |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| link | image | method | time s | ours' own s | data / link | "
+           "effective (virtual) / link | wire MiB (h1 tx+rx) | time / ours | check |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["rate"], r["image"]): r for r in rows if r["method"] == "ours"}
     for r in rows:
         img = images[r["image"]]
@@ -329,11 +329,17 @@ def summarise(rows: list[dict[str, Any]], images: dict[str, dict[str, Any]]) -> 
         moved = f" ({r['moved'] / MiB:.0f} MiB changed)" if "moved" in r else ""
         out.append(
             f"| {r['rate']} | {r['image']}{moved} | {LABELS[r['method']]} | "
-            f"{r['seconds']:.1f} | {_pct(data_frac)} | {_pct(eff)} | "
+            f"{r['seconds']:.1f} | {_own(r)} | {_pct(data_frac)} | {_pct(eff)} | "
             f"{(r['wire_tx'] + r['wire_rx']) / MiB:.0f} | "
             f"{'-' if ratio is None else f'{ratio:.2f}'} | "
             f"{r['check'] if ok else r['status'] + ': ' + str(r['error'])[:80]} |")
     return "\n".join(out)
+
+
+def _own(row: dict[str, Any]) -> str:
+    """The engine's own time (from its JSON report: connected ends to verified copy)."""
+    own = row.get("ours", {}).get("seconds")
+    return "-" if own is None else f"{own:.1f}"
 
 
 def _pct(v: float | None) -> str:
