@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE: Final = 1 << 20
 MAX_RETRIES: Final = 3
-COMMIT_S: Final = 0.5
+COMMIT_S: Final = 1.0
+READ_AHEAD: Final = 16
 PARTIAL_SUFFIX: Final = ".vmxfer-partial"
 JOURNAL_SUFFIX: Final = ".vmxfer-journal"
 Verify = Literal["full", "journal"]
@@ -753,8 +754,38 @@ class _Receiver:
         """Apply frames until END; return the sender's chunk ids."""
         dctx = zstandard.ZstdDecompressor()
         last_commit = time.monotonic()
+        # the stream is read ahead while chunks are written and committed, so the
+        # sender's bytes keep flowing (up to READ_AHEAD frames)
+        queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(READ_AHEAD)
+
+        async def read_ahead() -> None:
+            while True:
+                try:
+                    f = await self.ch.read_frame()
+                except BaseException as exc:
+                    await queue.put(exc)
+                    return
+                await queue.put(f)
+                if f.kind in (Kind.END, Kind.ERROR):
+                    return
+
+        reader = asyncio.create_task(read_ahead())
+        try:
+            return await self._apply(queue, tgt, journal, g, p, dctx, last_commit)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _apply(self, queue: asyncio.Queue[Frame | BaseException], tgt: Target,
+                     journal: Journal, g: Geometry, p: Progress,
+                     dctx: zstandard.ZstdDecompressor, last_commit: float) -> list[bytes]:
+        pending_ack: dict[str, Any] = {}
         while True:
-            frame = await self.ch.read_frame()
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            frame = item
             if frame.kind == Kind.ERROR:
                 msg = self.ch.open_json(frame)
                 raise TransferError(f"sender: {msg.get('error', 'gave up')}")
@@ -767,13 +798,15 @@ class _Receiver:
                 return self._end_ids(body, g)
             if frame.kind not in (Kind.DATA, Kind.ZERO):
                 raise TransferIntegrityError(f"unexpected {frame.kind.name} frame")
-            ack: dict[str, Any] = {"upto": frame.seq}
+            ack = pending_ack
+            ack["upto"] = frame.seq
             try:
-                payload = self.ch.open(frame)
+                payload = await asyncio.to_thread(self.ch.open, frame)
             except AuthError:
                 log.warning("frame %d does not authenticate; asking for it again", frame.seq)
-                ack["nack"] = [frame.seq]
+                ack.setdefault("nack", []).append(frame.seq)
                 await self.ch.send_json(Kind.ACK, ack)
+                pending_ack = {}
                 continue
             if frame.kind == Kind.ZERO:
                 first, count = wire.ZERO_META.unpack(frame.meta)
@@ -785,8 +818,11 @@ class _Receiver:
                 p.zero += end - first * g.chunk_size
             else:
                 if not await self._data(tgt, journal, g, frame, payload, dctx, p):
-                    ack["whole"] = [frame.seq]
-            await self.ch.send_json(Kind.ACK, ack)
+                    ack.setdefault("whole", []).append(frame.seq)
+            if queue.empty() or len(ack) > 1 or frame.seq % 8 == 0:
+                # acknowledge in batches while frames wait, at once when none does
+                await self.ch.send_json(Kind.ACK, ack)
+                pending_ack = {}
             now = time.monotonic()
             if now - last_commit >= COMMIT_S:
                 await tgt.sync()
@@ -803,16 +839,24 @@ class _Receiver:
         index, length, cid, pieces = wire.decode_data_meta(frame.meta)
         if index >= g.chunks() or length != g.chunk_len(index):
             raise TransferIntegrityError(f"chunk {index} is outside the image")
-        if frame.flags & wire.FLAG_COMPRESSED:
-            try:
-                payload = await asyncio.to_thread(
-                    dctx.decompress, payload, max_output_size=length)
-            except zstandard.ZstdError as exc:
-                raise TransferIntegrityError(f"chunk {index} does not decompress") from exc
-        base = index * g.chunk_size
         whole = len(pieces) == 1 and pieces[0][:2] == (0, length)
+        compressed = bool(frame.flags & wire.FLAG_COMPRESSED)
+
+        def unpack(data: bytes) -> tuple[bytes, bool]:
+            """Decompress, and for a whole chunk check its id (one thread hop)."""
+            if compressed:
+                try:
+                    data = zstandard.ZstdDecompressor().decompress(
+                        data, max_output_size=length)
+                except zstandard.ZstdError as exc:
+                    raise TransferIntegrityError(
+                        f"chunk {index} does not decompress") from exc
+            return data, (not whole) or (len(data) == length and chunk_id(data) == cid)
+
+        payload, ok = await asyncio.to_thread(unpack, payload)
+        base = index * g.chunk_size
         if whole:
-            if len(payload) != length or await asyncio.to_thread(chunk_id, payload) != cid:
+            if not ok:
                 raise TransferIntegrityError(f"chunk {index} does not match its id")
             await tgt.write(base, payload)
         else:
