@@ -116,26 +116,42 @@ def render_report(r: dict[str, Any]) -> None:
     table.add_column()
     table.add_row("status", f"[{colour}]{r['status']}[/]" + (
         f" ({r['error']})" if r.get("error") else ""))
-    table.add_row("vm", f"{r['vm']}: {r['source']} -> {r['dest']} ({r['mode']}, "
-                  f"{'TLS' if r['tls'] else 'no TLS'})")
-    table.add_row("policy", r.get("policy_description") or r["policy"])
+    disk_mode = r["mode"] in ("cold", "warm")  # no memory migration: disks on our engine
+    table.add_row("vm", f"{r['vm']}: {r['source']} -> {r['dest']} ({r['mode']}, " + (
+        "AES-256-GCM stream)" if disk_mode else f"{'TLS' if r['tls'] else 'no TLS'})"))
+    if not disk_mode:
+        table.add_row("policy", r.get("policy_description") or r["policy"])
     for step in r.get("steps", []):
         table.add_row("", f"t={step['t']}s it={step['iteration']}: {step['action']} "
                       f"({step['detail']})")
     table.add_row("total time", f"{r.get('total_time_s')} s")
-    table.add_row("downtime (QEMU)", f"{r.get('qemu_downtime_ms')} ms")
     obs = r.get("observed_downtime_ms")
-    table.add_row("downtime (observed)", "-" if obs is None else f"{obs:.1f} ms (1 ms ping)")
-    table.add_row("transferred / RAM", f"{_mib(r.get('bytes_transferred'))} / "
-                  f"{_mib(r.get('ram_bytes'))}")
-    table.add_row("iterations", str(r.get("iterations")))
-    for d in r.get("disks", []):
+    if disk_mode:
+        table.add_row("downtime (observed)", "-" if obs is None else
+                      f"{obs:.1f} ms (guest stop -> answering on {r['dest']})")
+        table.add_row("transferred", _mib(r.get("bytes_transferred")) + " on the wire")
+        for d in r.get("disks", []):
+            table.add_row("disk", f"{d['source']} ({d['format']}) -> {d['target']} "
+                          f"({d['target_format']}): {_mib(d.get('data_bytes'))} data, "
+                          f"{_mib(d.get('wire_bytes'))} on the wire, "
+                          f"{_mib(d.get('resent_bytes'))} resent, in {d.get('transfer_s')} s; "
+                          f"verified {d.get('verified')}"
+                          + (", source deleted" if d.get("source_deleted") else ""))
+    else:
+        table.add_row("downtime (QEMU)", f"{r.get('qemu_downtime_ms')} ms")
+        table.add_row("downtime (observed)",
+                      "-" if obs is None else f"{obs:.1f} ms (1 ms ping)")
+        table.add_row("transferred / RAM", f"{_mib(r.get('bytes_transferred'))} / "
+                      f"{_mib(r.get('ram_bytes'))}")
+        table.add_row("iterations", str(r.get("iterations")))
+    for d in ([] if disk_mode else r.get("disks", [])):
         table.add_row("disk", f"{d['source']} ({d['format']}) -> {d['target']} "
                       f"({d['target_format']}): {_mib(d.get('bytes'))} in {d.get('ready_s')} s "
                       f"to ready ({d.get('mirror_mbps')} Mbit/s), handover "
                       f"{d.get('handover_s')} s"
                       + (", source deleted" if d.get("source_deleted") else ""))
-    table.add_row("max throttle", f"{r.get('max_throttle_pct', 0)} %")
+    if not disk_mode:
+        table.add_row("max throttle", f"{r.get('max_throttle_pct', 0)} %")
     if r.get("postcopy"):
         table.add_row("post-copy", f"{r.get('postcopy_time_s')} s, "
                       f"{r.get('postcopy_recoveries', 0)} recoveries")
