@@ -95,20 +95,26 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
     store.close()
 
 
+async def _start_disk_guest(inv: Inventory, svc: VmService, name: str, memory: str) -> None:
+    """Start ``name`` on h1 writing records to its own thin disk (with some data) in h1's
+    local pool; return once it acknowledged a record."""
+    pool = inv.host("h1").pools["local"]
+    pool.mkdir(parents=True, exist_ok=True)
+    disk = pool / f"{name}.raw"
+    thin_raw_image(disk, DISK_SIZE, DISK_DATA)
+    _step(f"starting {name} on h1 with its disk in h1's local pool ({DISK_WORKLOAD})")
+    await svc.create(CreateRequest(name=name, host="h1", memory=memory,
+                                   disks=[f"{disk},format=raw,cache=none"],
+                                   workload=DISK_WORKLOAD))
+    console = ConsoleFollower(svc, name)
+    await console.wait(r"DISKWRITE ack=\d+", timeout=180, on_line=_console_line)
+
+
 async def _online(inv: Inventory, store: Store, svc: VmService, home: Path,
                   summary: dict[str, Any]) -> None:
     """A guest writing records to its own disk in h1's local pool moves, disk and all,
     to h2's local pool; then every acknowledged record is checked on the copy."""
-    pool = inv.host("h1").pools["local"]
-    pool.mkdir(parents=True, exist_ok=True)
-    disk = pool / f"{DISK_GUEST}.raw"
-    thin_raw_image(disk, DISK_SIZE, DISK_DATA)  # thin, with some data for the mirror
-    _step(f"starting {DISK_GUEST} on h1 with its disk in h1's local pool ({DISK_WORKLOAD})")
-    await svc.create(CreateRequest(name=DISK_GUEST, host="h1", memory="256M",
-                                   disks=[f"{disk},format=raw,cache=none"],
-                                   workload=DISK_WORKLOAD))
-    console = ConsoleFollower(svc, DISK_GUEST)
-    await console.wait(r"DISKWRITE ack=\d+", timeout=180, on_line=_console_line)
+    await _start_disk_guest(inv, svc, DISK_GUEST, "256M")
     _step(f"online-migrating {DISK_GUEST} h1 -> h2: disk copied over NBD (TLS) into h2's "
           "local pool, then memory")
     mig = OnlineMigration(inv, store, AuditLog(home / "audit.jsonl"), DISK_GUEST, "h2",
@@ -133,15 +139,7 @@ async def _warm(inv: Inventory, store: Store, svc: VmService, home: Path,
     """A guest writing records to its own disk moves warm: base copy and rounds on our
     transfer engine while it runs, then a short stop for the last delta; the
     acknowledged records are checked on h2's copy before it boots there."""
-    pool = inv.host("h1").pools["local"]
-    disk = pool / f"{WARM_GUEST}.raw"
-    thin_raw_image(disk, DISK_SIZE, DISK_DATA)
-    _step(f"starting {WARM_GUEST} on h1 with its disk in h1's local pool ({DISK_WORKLOAD})")
-    await svc.create(CreateRequest(name=WARM_GUEST, host="h1", memory="128M",
-                                   disks=[f"{disk},format=raw,cache=none"],
-                                   workload=DISK_WORKLOAD))
-    console = ConsoleFollower(svc, WARM_GUEST)
-    await console.wait(r"DISKWRITE ack=\d+", timeout=180, on_line=_console_line)
+    await _start_disk_guest(inv, svc, WARM_GUEST, "128M")
     _step(f"warm-migrating {WARM_GUEST} h1 -> h2: base copy and incremental rounds while it "
           "runs (encrypted, verified), then it stops for the last delta only")
     mig = WarmMigration(inv, store, AuditLog(home / "audit.jsonl"), WARM_GUEST, "h2",

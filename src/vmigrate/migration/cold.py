@@ -222,7 +222,6 @@ class ColdMigration(OnlineMigration):
         for p, o in zip(self.plans, outs, strict=True):
             p.created = p.created or final_round  # the target now exists under its name
             d = o.as_dict()
-            p.copied += int(d.get("data_bytes") or 0)
             entry = next((e for e in self.report.disks if e["target"] == p.target), None)
             if entry is None:
                 entry = {"source": p.source, "format": p.info.format,

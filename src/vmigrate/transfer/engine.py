@@ -228,7 +228,6 @@ class _Ready:
     payload: bytes
     flags: int
     image_bytes: int
-    cpu_s: float
 
 
 class Manifest:
@@ -315,7 +314,6 @@ class Sender:
         self.source = source
         self.reader = reader
         self.writer = writer
-        self.key = key
         self.opts = opts
         self.g = Geometry(source.size, opts.chunk_size, opts.target_format)
         self.p = Progress(source.size)
@@ -493,16 +491,15 @@ class Sender:
         data = await self.source.read(it.index * g.chunk_size, length)
         pieces = it.pieces
 
-        def encode() -> tuple[bytes, bytes | None, float, bool]:
-            t0 = time.thread_time()
+        def encode() -> tuple[bytes, bytes | None, bool]:
             cid = chunk_id(data)
             if cid == zero_id(length):
-                return cid, None, time.thread_time() - t0, True
+                return cid, None, True
             body = data if not pieces else b"".join(
                 data[p.offset:p.offset + p.length] for p in pieces)
-            return cid, self.comp.compress(body), time.thread_time() - t0, False
+            return cid, self.comp.compress(body), False
 
-        cid, packed, cpu, is_zero = await asyncio.to_thread(encode)
+        cid, packed, is_zero = await asyncio.to_thread(encode)
         manifest.ids[it.index] = cid
         if have.get(it.index) == cid:
             self.p.skipped += length
@@ -524,11 +521,11 @@ class Sender:
         payload = packed if packed is not None else raw
         flags = wire.FLAG_COMPRESSED if packed is not None else 0
         return _Ready(_Item(it.index, pieces=it.pieces), Kind.DATA, meta, payload, flags,
-                      image_bytes, cpu)
+                      image_bytes)
 
     def _zero_ready(self, it: _Item) -> _Ready:
         return _Ready(it, Kind.ZERO, wire.ZERO_META.pack(it.index, it.count), b"", 0,
-                      self._item_bytes(it), 0.0)
+                      self._item_bytes(it))
 
     async def _send(self, r: _Ready) -> None:
         size = len(r.payload) + len(r.meta)
@@ -752,8 +749,6 @@ class _Receiver:
     async def _frames(self, tgt: Target, journal: Journal, g: Geometry, p: Progress
                       ) -> list[bytes]:
         """Apply frames until END; return the sender's chunk ids."""
-        dctx = zstandard.ZstdDecompressor()
-        last_commit = time.monotonic()
         # the stream is read ahead while chunks are written and committed, so the
         # sender's bytes keep flowing (up to READ_AHEAD frames)
         queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(READ_AHEAD)
@@ -771,15 +766,15 @@ class _Receiver:
 
         reader = asyncio.create_task(read_ahead())
         try:
-            return await self._apply(queue, tgt, journal, g, p, dctx, last_commit)
+            return await self._apply(queue, tgt, journal, g, p)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
     async def _apply(self, queue: asyncio.Queue[Frame | BaseException], tgt: Target,
-                     journal: Journal, g: Geometry, p: Progress,
-                     dctx: zstandard.ZstdDecompressor, last_commit: float) -> list[bytes]:
+                     journal: Journal, g: Geometry, p: Progress) -> list[bytes]:
+        last_commit = time.monotonic()
         pending_ack: dict[str, Any] = {}
         while True:
             item = await queue.get()
@@ -817,7 +812,7 @@ class _Receiver:
                 journal.record_zeros(first, count)
                 p.zero += end - first * g.chunk_size
             else:
-                if not await self._data(tgt, journal, g, frame, payload, dctx, p):
+                if not await self._data(tgt, journal, g, frame, payload, p):
                     ack.setdefault("whole", []).append(frame.seq)
             if queue.empty() or len(ack) > 1 or frame.seq % 8 == 0:
                 # acknowledge in batches while frames wait, at once when none does
@@ -834,7 +829,7 @@ class _Receiver:
                 self.progress_fn(p)
 
     async def _data(self, tgt: Target, journal: Journal, g: Geometry, frame: Frame,
-                    payload: bytes, dctx: zstandard.ZstdDecompressor, p: Progress) -> bool:
+                    payload: bytes, p: Progress) -> bool:
         """Apply one DATA frame; False when the chunk must come again whole."""
         index, length, cid, pieces = wire.decode_data_meta(frame.meta)
         if index >= g.chunks() or length != g.chunk_len(index):

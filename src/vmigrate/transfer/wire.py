@@ -81,11 +81,6 @@ class Frame:
         return HEADER.size + len(self.meta) + len(self.sealed)
 
 
-class Piece(Protocol):
-    offset: int
-    length: int
-
-
 DATA_META = struct.Struct(">QI32sH")  # chunk index, chunk length, hash, piece count
 PIECE = struct.Struct(">IIB")          # offset in chunk, length, 1 = zeros
 ZERO_META = struct.Struct(">QI")       # first chunk index, count
