@@ -92,6 +92,10 @@ class Inventory(_Model):
     lab: LabConfig | None = None
     #: user convergence policies, ``[policies.NAME]`` tables; validated by vmigrate.plan.policy
     policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: the decision matrix's settings, ``[planning]``; validated by vmigrate.plan.decide
+    planning: dict[str, Any] = Field(default_factory=dict)
+    #: workload tiers, ``[tiers.NAME]``; validated by vmigrate.plan.decide
+    tiers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     path: Path | None = None
 
     def host(self, name: str) -> HostConfig:
@@ -191,9 +195,15 @@ def dump_inventory(inv: Inventory) -> str:
             for pool, path in host.pools.items():
                 lines.append(f"{pool} = {_toml_value(path)}")
         lines.append("")
-    for name, policy in inv.policies.items():
-        lines.append(f"[policies.{name}]")
-        for key, value in policy.items():
+    if inv.planning:
+        lines.append("[planning]")
+        for key, value in inv.planning.items():
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+    for section, tables in (("policies", inv.policies), ("tiers", inv.tiers)):
+        for name, table in tables.items():
+            lines.append(f"[{section}.{name}]")
+            for key, value in table.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
     return "\n".join(lines)

@@ -77,3 +77,27 @@ def test_upgrades_version_1(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     store.create_job("j1", "vm", "live", "a", "b", {})
     assert store.get_job("j1").active
+
+
+def test_upgrades_version_2_with_assessments(tmp_path: Path) -> None:
+    Store(tmp_path / "db").close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("DROP TABLE assessments")
+    db.execute("UPDATE meta SET value='2' WHERE key='version'")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "db")
+    store.add_assessment("vm", "h1", "h2", 100.0, {"at": 100.0})
+    assert store.list_assessments("vm") == [{"at": 100.0}]
+
+
+def test_assessments_accumulate_in_time_order(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.add_assessment("a", "h1", "h2", 300.0, {"n": 3})
+    store.add_assessment("a", "h1", None, 100.0, {"n": 1})
+    store.add_assessment("a", "h1", "h3", 200.0, {"n": 2})
+    store.add_assessment("b", "h1", "h2", 150.0, {"n": 9})
+    assert [r["n"] for r in store.list_assessments("a")] == [1, 2, 3]
+    assert [r["n"] for r in store.list_assessments("a", dest="h2")] == [3]
+    assert [r["n"] for r in store.list_assessments("a", since=150.0)] == [2, 3]
+    assert len(store.list_assessments()) == 4

@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 
 from vmigrate import __version__
-from vmigrate.cli import audit, certs, lab, migrate, transfer, transfer_ends, vm
+from vmigrate.cli import audit, certs, lab, migrate, plan, transfer, transfer_ends, vm
 from vmigrate.cli._common import CTX, err
 from vmigrate.errors import VmigrateError
 
@@ -29,6 +29,8 @@ app.add_typer(lab.app, name="lab")
 app.add_typer(migrate.job_app, name="job")
 app.add_typer(certs.app, name="certs")
 app.add_typer(audit.app, name="audit")
+app.command("assess")(plan.assess)
+app.command("plan")(plan.plan)
 app.command("migrate")(migrate.migrate)
 app.command("copy-disk")(transfer.copy_disk)
 app.add_typer(transfer_ends.app, name="transfer")

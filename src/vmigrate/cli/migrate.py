@@ -11,8 +11,8 @@ from rich.table import Table
 
 from vmigrate.audit.log import AuditLog
 from vmigrate.cli._common import CTX, err, out, print_json, run
-from vmigrate.config import state_home
-from vmigrate.errors import UserError
+from vmigrate.config import Inventory, state_home
+from vmigrate.errors import StateError, UserError
 from vmigrate.migration import live
 from vmigrate.migration.cold import ColdMigration, DiskMoveOptions, WarmMigration
 from vmigrate.migration.online import OnlineMigration, OnlineOptions
@@ -23,7 +23,15 @@ from vmigrate.plan.policy import (
     parse_bandwidth,
     resolve_policy,
 )
-from vmigrate.store import JobRecord
+from vmigrate.plan.predict import measured_figures
+from vmigrate.service.assess import AssessOptions
+from vmigrate.service.planning import (
+    DEFAULT_MAX_AGE_S,
+    latest_assessment,
+    make_plan,
+    prediction_record,
+)
+from vmigrate.store import JobRecord, Store
 
 job_app = typer.Typer(
     rich_markup_mode=None,
@@ -155,6 +163,7 @@ def render_report(r: dict[str, Any]) -> None:
     if r.get("postcopy"):
         table.add_row("post-copy", f"{r.get('postcopy_time_s')} s, "
                       f"{r.get('postcopy_recoveries', 0)} recoveries")
+    _prediction_rows(table, r)
     v = r.get("verification", {})
     checks = ", ".join(f"{k}={val}" for k, val in v.items() if val is not None
                        and k != "memcheck_line")
@@ -162,6 +171,56 @@ def render_report(r: dict[str, Any]) -> None:
     for e in r.get("cleanup_errors", []):
         table.add_row("[red]cleanup error[/]", e)
     out.print(table)
+
+
+def _predicted(inv: Inventory, store: Store, name: str, to: str, mode: str,
+               opts: MigrationOptions, max_age: float, shutdown_timeout: float
+               ) -> tuple[str, dict[str, Any] | None]:
+    """The mode to run and the prediction the report keeps. ``auto`` assesses (or
+    reuses a young assessment) and takes the decision matrix's choice; an explicit
+    mode is predicted only from an assessment already stored (no delay)."""
+    from vmigrate.cli.plan import plans_for, render_plan
+
+    if mode == "auto":
+        vp = run(plans_for(inv, store, [name], to, opts, max_age, AssessOptions(),
+                           shutdown_timeout))[0]
+        render_plan(vp, err)
+        if vp.decision.chosen is None:
+            raise StateError(f"no usable migration mode for {name}: "
+                             + " ".join(vp.decision.explanation))
+        return vp.decision.chosen, prediction_record(vp, vp.decision.chosen, chosen_by="auto")
+    a = latest_assessment(store, name, to, max_age=max_age)
+    if a is None:
+        return mode, None
+    vp = make_plan(inv, store, a, opts, shutdown_timeout=shutdown_timeout)
+    if not vp.predictions[mode].feasible:  # type: ignore[index]
+        return mode, None
+    return mode, prediction_record(vp, mode, chosen_by="operator")  # type: ignore[arg-type]
+
+
+def _pct(pred: float, measured: float) -> str:
+    return "" if not measured else f", {100 * (pred - measured) / measured:+.0f} %"
+
+
+def _prediction_rows(table: Table, r: dict[str, Any]) -> None:
+    pred = r.get("prediction")
+    if not pred:
+        return
+    f = pred["figures"]
+    m = measured_figures(r)
+    how = "chosen by the plan" if pred.get("chosen_by") == "auto" else "predicted"
+    unc = f" ±{pred['uncertainty']:.0%}" if pred.get("uncertainty") is not None else ""
+    table.add_row("predicted", f"{pred['mode']} ({how}{unc}"
+                  + (", post-copy expected" if pred.get("postcopy") else "") + ")")
+    rows = (("total time", f["total_time_s"], m.total_time_s if m else None, "s"),
+            ("downtime", f["downtime_ms"], m.downtime_ms if m else None, "ms"),
+            ("on the wire", f["wire_bytes"] / 2**20, m.wire_bytes / 2**20 if m else None,
+             "MiB"))
+    for what, p, got, unit in rows:
+        table.add_row(f"  {what}", f"predicted {p:,.1f} {unit}" + (
+            f", measured {got:,.1f} {unit}{_pct(p, got)}" if got is not None else ""))
+    for line in pred.get("explanation") or []:
+        table.add_row("", line)
 
 
 def parse_cutover(text: str) -> float:
@@ -186,7 +245,10 @@ def migrate(
     name: Annotated[str, typer.Argument(help="VM to move.")],
     to: Annotated[str, typer.Option("--to", help="Destination host (inventory name).")],
     mode: Annotated[str, typer.Option(
-        help="live: memory only, the disks stay where they are (shared storage). online: "
+        help="auto: assess the VM and the link (or reuse an assessment younger than "
+        "--max-age), predict every mode and take the one the decision matrix picks "
+        "('vmigrate plan' shows the same). "
+        "live: memory only, the disks stay where they are (shared storage). online: "
         "memory and disks, copied over NBD into a pool of the destination (no shared "
         "storage). cold: shut the guest down, copy the disks (resumable, encrypted, "
         "verified), start it on the destination. warm: copy the disks while the guest "
@@ -225,6 +287,9 @@ def migrate(
     tls: Annotated[bool, typer.Option(help="Encrypt the stream with the hosts' x509 "
                                       "credentials. --no-tls is recorded in the report.")
                    ] = True,
+    max_age: Annotated[float, typer.Option(
+        help="auto, and the prediction kept in the report: reuse an assessment of this "
+        "route younger than this many seconds.")] = DEFAULT_MAX_AGE_S,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Move a running VM to another host and print the migration report.
@@ -234,13 +299,13 @@ def migrate(
     5 when the VM moved but the checks after the switchover failed (the guest
     crashed or rebooted on the destination, or the lab guest's memory check failed).
     """
-    if mode not in ("live", "online", "cold", "warm"):
-        raise UserError(f"unknown --mode {mode!r}: use live, online, cold or warm")
+    if mode not in ("live", "online", "cold", "warm", "auto"):
+        raise UserError(f"unknown --mode {mode!r}: use auto, live, online, cold or warm")
     if mode == "live" and (target_storage or target_format or delete_source):
         raise UserError("--target-storage, --target-format and --delete-source need "
                         "--mode online, cold or warm")
-    if cutover is not None and mode != "warm":
-        raise UserError("--cutover needs --mode warm")
+    if cutover is not None and mode not in ("warm", "auto"):
+        raise UserError("--cutover needs --mode warm (or auto, if it picks warm)")
     cutover_at = parse_cutover(cutover) if cutover is not None else None
     if target_format not in (None, "raw", "qcow2"):
         raise UserError(f"unknown --target-format {target_format!r}: use raw or qcow2")
@@ -257,6 +322,7 @@ def migrate(
         tls=tls,
     )
     store = CTX.store()
+    mode, prediction = _predicted(inv, store, name, to, mode, opts, max_age, shutdown_timeout)
     with _Display(enabled=True) as display:
         storage = OnlineOptions(target_storage, target_format,  # type: ignore[arg-type]
                                 delete_source)
@@ -274,6 +340,7 @@ def migrate(
         else:
             job = live.LiveMigration(inv, store, _audit(), name, to, opts,
                                      on_progress=display)
+        job.report.prediction = prediction
         err.print(f"job {job.job_id}: {name} {job.report.source} -> {to} ({mode}, "
                   f"policy {pol.name})", highlight=False)
         report = run(job.run())

@@ -110,6 +110,44 @@ def send(
         delta=delta, connect=connect, manifest=manifest, opts=opts)))
 
 
+@app.command("probe-sink")
+def probe_sink(
+    listen: Annotated[str, typer.Option(
+        help="ADDRESS:PORT to accept the probe's connection on (port 0: any).")],
+    seconds: Annotated[float, typer.Option(help="How long to measure.")] = 2.0,
+) -> None:
+    """Measure the link: count what one sender delivers (run on the destination)."""
+    if not 0.2 <= seconds <= 60:
+        raise UserError("--seconds must be between 0.2 and 60")
+    from vmigrate.transfer import probe
+    sys.exit(agent.run(lambda: probe.sink(listen, seconds)))
+
+
+@app.command("probe-send")
+def probe_send(
+    connect: Annotated[str, typer.Option(help="The sink's ADDRESS:PORT.")],
+    seconds: Annotated[float, typer.Option(help="How long the sink measures.")] = 2.0,
+) -> None:
+    """Measure the link: send incompressible bytes to a probe sink (run on the source)."""
+    from vmigrate.transfer import probe
+    sys.exit(agent.run(lambda: probe.send(connect, seconds)))
+
+
+@app.command("sample")
+def sample(
+    image: Annotated[Path, typer.Argument(help="Disk image to sample.")],
+    image_format: Annotated[str | None, typer.Option(
+        "--format", help="raw or qcow2 (probed).")] = None,
+    chunks: Annotated[int, typer.Option(help="1 MiB chunks to read, spread over the data.")
+                      ] = 32,
+) -> None:
+    """How well a disk's data would travel: zero and compressible share of a sample."""
+    if chunks < 1:
+        raise UserError("--chunks must be at least 1")
+    from vmigrate.transfer import probe
+    sys.exit(agent.run(lambda: probe.sample(image.absolute(), image_format, chunks)))
+
+
 def main() -> None:
     """Entry point of the fast path: errors as one line, the exit status by class."""
     sys.argv = [f"{sys.argv[0]} transfer", *sys.argv[2:]]

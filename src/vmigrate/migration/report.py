@@ -73,4 +73,8 @@ class MigrationReport(BaseModel):
     #: online migration: one entry per disk (source, target, bytes, time, throughput)
     disks: list[dict[str, Any]] = Field(default_factory=list)
     verification: Verification = Field(default_factory=Verification)
+    #: what the plan predicted before the migration started (``vmigrate.service.planning.
+    #: prediction_record``): mode, figures, raw figures, chosen_by, explanation; None when
+    #: no assessment of this route was at hand
+    prediction: dict[str, Any] | None = None
     cleanup_errors: list[str] = Field(default_factory=list)

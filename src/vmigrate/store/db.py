@@ -1,4 +1,4 @@
-"""The SQLite store: VM definitions now, migration jobs later.
+"""The SQLite store: VM definitions, migration jobs, assessments.
 
 The database starts with a ``meta`` row holding a magic string and a schema
 version; a database of an unknown version is refused (:class:`StoreError`)
@@ -19,9 +19,9 @@ from typing import Any
 from vmigrate.errors import NotFoundError, StateError, StoreError
 
 MAGIC = "vmigrate-store"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: versions this code upgrades in place (each only adds tables)
-_UPGRADABLE = {"1"}
+_UPGRADABLE = {"1", "2"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +49,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_vm ON jobs (vm, status);
+CREATE TABLE IF NOT EXISTS assessments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL,
+    host TEXT NOT NULL,
+    dest TEXT,
+    at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS assessments_vm ON assessments (vm, at);
 """
 
 #: job statuses; only RUNNING is active (it locks its VM)
@@ -282,3 +291,33 @@ class Store:
             jid, vm, mode, source, dest, phase, status, json.loads(options),
             json.loads(report) if report else None, error, pid, bool(cancel), created, updated,
         )
+
+    # -- assessments -------------------------------------------------------------------
+
+    def add_assessment(self, vm: str, host: str, dest: str | None, at: float,
+                       data: dict[str, Any]) -> int:
+        """Keep one assessment (JSON, validated by the caller); history accumulates."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO assessments (vm, host, dest, at, data) "
+                             "VALUES (?, ?, ?, ?, ?)", (vm, host, dest, at, json.dumps(data)))
+        return int(cur.lastrowid or 0)
+
+    def list_assessments(self, vm: str | None = None, *, dest: str | None = None,
+                         since: float | None = None) -> list[dict[str, Any]]:
+        """Stored assessments, oldest first (their JSON)."""
+        sql = "SELECT data FROM assessments"
+        where: list[str] = []
+        args: list[str | float] = []
+        if vm is not None:
+            where.append("vm=?")
+            args.append(vm)
+        if dest is not None:
+            where.append("dest=?")
+            args.append(dest)
+        if since is not None:
+            where.append("at>=?")
+            args.append(since)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY at, id", args).fetchall()
+        return [json.loads(r[0]) for r in rows]

@@ -134,10 +134,11 @@ def probe_format(path: Path) -> str:
 
 
 @asynccontextmanager
-async def open_source(path: Path, fmt: str | None = None, *, sock_dir: Path
-                      ) -> AsyncIterator[RawFile | NbdImage]:
+async def open_source(path: Path, fmt: str | None = None, *, sock_dir: Path,
+                      force_share: bool = False) -> AsyncIterator[RawFile | NbdImage]:
     """Open a local image for reading. qcow2 goes through a read-only ``qemu-nbd``
-    on a socket in ``sock_dir``, stopped on exit."""
+    on a socket in ``sock_dir``, stopped on exit; ``force_share`` opens it even
+    while a running QEMU holds it (reads then may not be a consistent snapshot)."""
     fmt = fmt or probe_format(path)
     if fmt not in FORMATS:
         raise SpecError(f"unknown image format {fmt!r} (use raw or qcow2)")
@@ -155,7 +156,7 @@ async def open_source(path: Path, fmt: str | None = None, *, sock_dir: Path
         raise SpecError(f"{path}: no such image")
     async with (
         serve_image(path, "qcow2", sock_dir / f"src-{os.getpid()}.sock",
-                    read_only=True) as addr,
+                    read_only=True, force_share=force_share) as addr,
         await NbdClient.connect(addr) as client,
     ):
         yield NbdImage(client)

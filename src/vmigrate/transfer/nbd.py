@@ -976,6 +976,7 @@ class NbdServer:
         shared: int = 8,
         export: str = "",
         timeout: float = 10.0,
+        force_share: bool = False,
     ) -> NbdServer:
         """Start ``qemu-nbd`` and wait until its socket accepts connections.
 
@@ -995,6 +996,8 @@ class NbdServer:
                 "--persistent", f"--cache={cache}", f"--export-name={export}"]
         if read_only:
             argv.append("--read-only")
+            if force_share:  # a running QEMU holds the image's write lock
+                argv.append("--force-share")
         else:
             argv += ["--discard=unmap", "--detect-zeroes=unmap"]
         if bitmap is not None:
@@ -1083,6 +1086,7 @@ async def serve_image(
     bitmap: str | None = None,
     cache: str = "writeback",
     shared: int = 8,
+    force_share: bool = False,
 ) -> AsyncIterator[str]:
     """Export ``path`` with qemu-nbd for the ``async with`` block; yields ``unix:SOCKET``.
 
@@ -1090,7 +1094,8 @@ async def serve_image(
     is stopped and reaped and the socket removed, whatever happened inside.
     """
     server = await NbdServer.start(path, fmt, socket_path, read_only=read_only,
-                                   bitmap=bitmap, cache=cache, shared=shared)
+                                   bitmap=bitmap, cache=cache, shared=shared,
+                                   force_share=force_share)
     try:
         yield server.address
     finally:

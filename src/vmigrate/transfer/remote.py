@@ -286,3 +286,70 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
         for h in opened:
             with contextlib.suppress(Exception):
                 await h.close()
+
+
+async def _finish(end: _End, what: str) -> dict[str, Any]:
+    status = await end.proc.wait()
+    await end.reader
+    if status != 0 or end.done is None:
+        raise end.failure(f"{what} exited with status {status}")
+    return end.done
+
+
+async def probe_link(src: Host, src_cfg: HostConfig, dst: Host, dst_cfg: HostConfig,
+                     *, seconds: float = 2.0) -> dict[str, Any]:
+    """Measure the migration link from ``src`` to ``dst``: one TCP stream of
+    incompressible bytes for ``seconds``, counted on the receiver after a warm-up.
+    Returns ``{"rate": bytes/s, "seconds", "bytes", "connect_ms"}``. Raises
+    :class:`UserError` when a host has no migration address, :class:`TransferError`
+    when the probe fails; no process is left running either way."""
+    for cfg in (src_cfg, dst_cfg):
+        if not cfg.migration_address:
+            raise UserError(f"host {cfg.name} has no migration_address in the inventory")
+    addr = dst_cfg.migration_address
+    assert addr is not None
+    ends: list[_End] = []
+    try:
+        sink = _End("link probe sink", await dst.spawn(
+            [*_command(dst_cfg), "transfer", "probe-sink", "--listen", f"{addr}:0",
+             "--seconds", str(seconds)]), None, listens=True)
+        ends.append(sink)
+        try:
+            port = await asyncio.wait_for(sink.listening, LISTEN_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise TransferError("the link probe's sink did not start listening") from exc
+        host_part = f"[{addr}]" if ":" in addr else addr
+        sender = _End("link probe sender", await src.spawn(
+            [*_command(src_cfg), "transfer", "probe-send", "--connect", f"{host_part}:{port}",
+             "--seconds", str(seconds)]), None)
+        ends.append(sender)
+        got, sent = await asyncio.wait_for(
+            asyncio.gather(_finish(sink, "the sink"), _finish(sender, "the sender")),
+            seconds + 60)
+        return {"rate": float(got["rate"]), "seconds": float(got["seconds"]),
+                "bytes": int(got["bytes"]), "connect_ms": float(sent["connect_ms"])}
+    except TimeoutError as exc:
+        raise TransferError("the link probe did not finish in time") from exc
+    finally:
+        for e in ends:
+            if e.done is None and e.error is None:
+                e.proc.kill()
+            e.reader.cancel()
+
+
+async def sample_disk(host: Host, cfg: HostConfig, path: str, fmt: str | None = None,
+                      *, chunks: int = 32) -> dict[str, Any]:
+    """Sample a disk image on ``host`` (see :func:`vmigrate.transfer.probe.sample`):
+    ``{"allocated", "sampled", "zero", "ratio"}``. Reads only."""
+    argv = [*_command(cfg), "transfer", "sample", path, "--chunks", str(chunks)]
+    if fmt:
+        argv += ["--format", fmt]
+    end = _End("disk sample", await host.spawn(argv), None)
+    try:
+        return await asyncio.wait_for(_finish(end, "the sampler"), 120)
+    except TimeoutError as exc:
+        raise TransferError(f"sampling {path} on {cfg.name} did not finish in time") from exc
+    finally:
+        if end.done is None and end.error is None:
+            end.proc.kill()
+        end.reader.cancel()
