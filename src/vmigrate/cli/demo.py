@@ -16,6 +16,7 @@ from rich.table import Table
 from vmigrate.audit.log import AuditLog
 from vmigrate.cli._common import err, out, print_json, run
 from vmigrate.cli.migrate import render_report
+from vmigrate.cli.plan import render_plan
 from vmigrate.config import HOME_ENV, Inventory, load_inventory
 from vmigrate.lab.disks import thin_raw_image
 from vmigrate.lab.image import build_image
@@ -26,6 +27,8 @@ from vmigrate.migration.cold import DiskMoveOptions, WarmMigration
 from vmigrate.migration.live import LiveMigration, Progress
 from vmigrate.migration.online import OnlineMigration, OnlineOptions
 from vmigrate.plan.policy import BUILTIN, MigrationOptions
+from vmigrate.service.assess import Assessor
+from vmigrate.service.planning import make_plan, prediction_record
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 
@@ -81,11 +84,19 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
             result = ping(inv.lab.probe_netns, info.spec.ip, count=5)
             summary["ping"] = {"sent": result.sent, "received": result.received,
                                "rtt_avg_ms": result.rtt_avg_ms}
+        _step(f"assessing {GUEST} and the link h1 -> h2, then predicting every mode")
+        opts = MigrationOptions(policy=BUILTIN["balanced"])
+        async with Assessor(inv, store, note=lambda m: err.print(f"   [dim]{m}[/]")) as a:
+            assessment = await a.assess(GUEST, dest="h2")
+        plan = make_plan(inv, store, assessment, opts)
+        render_plan(plan, err)
+        summary["plan"] = plan.as_dict()
         _step(f"live-migrating {GUEST} h1 -> h2 over {LINK_RATE} TLS links, dirtying memory "
               "faster than the link (policy balanced)")
-        mig = LiveMigration(inv, store, AuditLog(home / "audit.jsonl"), GUEST, "h2",
-                            MigrationOptions(policy=BUILTIN["balanced"]),
+        mig = LiveMigration(inv, store, AuditLog(home / "audit.jsonl"), GUEST, "h2", opts,
                             on_progress=_DemoProgress())
+        if plan.predictions["live"].feasible:
+            mig.report.prediction = prediction_record(plan, "live", chosen_by="operator")
         report = await mig.run()
         summary["migration"] = report.model_dump(mode="json")
         _step(f"destroying {GUEST}")
@@ -225,6 +236,13 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
         table.add_row("live migration", f"{mig['status']} in {mig['total_time_s']} s, observed "
                       f"downtime {_ms(mig.get('observed_downtime_ms'))}, memory check on h2: "
                       f"{mig['verification'].get('memcheck')}")
+    if plan_ := summary.get("plan"):
+        live = plan_["predictions"]["live"].get("figures") or {}
+        table.add_row("plan", f"chose {plan_['decision']['chosen']}; live predicted "
+                      f"{live.get('total_time_s', 0):.1f} s, downtime "
+                      f"{_ms(live.get('downtime_ms'))}, "
+                      f"{(live.get('wire_bytes') or 0) / 2**20:,.0f} MiB on the wire"
+                      + (" (post-copy)" if plan_["predictions"]["live"]["postcopy"] else ""))
     if onl:
         disk = (onl.get("disks") or [{}])[0]
         rec = summary.get("online_records", {})

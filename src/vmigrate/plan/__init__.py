@@ -9,4 +9,16 @@ plain data, so it is tested with synthetic inputs.
     (:func:`~vmigrate.plan.policy.plan_setup`), and the controller that turns
     ``query-migrate`` samples into actions
     (:class:`~vmigrate.plan.policy.ConvergenceController`).
+``vmigrate.plan.simulate``
+    A pre-copy/post-copy migration in simulated time, answering like QEMU 7.2's
+    ``query-migrate``: the live model drives the real controller against it.
+``vmigrate.plan.assessment``
+    What ``vmigrate assess`` measured, and what a prediction says (JSON models).
+``vmigrate.plan.predict``
+    Per-mode models (live, online, cold, warm) and their calibration from
+    migrations already measured.
+``vmigrate.plan.decide``
+    The weighted decision matrix, tiers, and the explanation of a choice.
+``vmigrate.plan.window``
+    The best time of day to migrate, from the assessment history.
 """
