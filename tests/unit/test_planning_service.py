@@ -82,3 +82,24 @@ def test_plan_and_prediction_record(tmp_path: Path) -> None:
     plan = make_plan(Inventory(), store, stopped, MigrationOptions(policy=BUILTIN["balanced"]))
     with pytest.raises(UserError):
         prediction_record(plan, "live", chosen_by="auto")
+
+
+def test_window_advice_from_stored_history(tmp_path: Path) -> None:
+    from vmigrate.cli.plan import window_advice
+
+    store = Store(tmp_path / "db")
+    opts = MigrationOptions(policy=BUILTIN["balanced"])
+    advice, what = window_advice(store, "vm1", None, opts)
+    assert advice.best is None and advice.message  # no history: said, not raised
+    day = 86400.0 * 1000
+    for hour, rate in ((2, 1.0), (2, 1.5), (14, 40.0), (14, 45.0)):
+        for k in range(2):
+            a = _assessment(day + hour * 3600 + k * 60).model_copy(
+                update={"dirty": (DirtyWindow(seconds=1, rate=rate * MiB),)})
+            store.add_assessment("vm1", "h1", "h2", a.at, a.model_dump(mode="json"))
+    advice, what = window_advice(store, "vm1", "h2", opts)
+    assert "predicted" in what
+    assert advice.best is not None
+    # the quiet hour wins whatever the local time zone: compare dirty rates, not hours
+    assert advice.best.dirty_median < 2 * MiB
+    assert advice.runner_up is not None and advice.runner_up.dirty_median > 30 * MiB

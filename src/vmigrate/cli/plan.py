@@ -243,7 +243,8 @@ def plan(
             advices.append({"vm": name, "cost": what, **advice.model_dump(mode="json")})
             if not as_json:
                 out.print(f"[bold]{name}[/]: best window by {what}")
-                out.print(f"  {advice.message}")
+                for line in advice.message:
+                    out.print(f"  {line}")
         if as_json:
             print_json(advices)
         return
@@ -251,6 +252,8 @@ def plan(
         raise UserError("give --to HOST (the destination to plan for), or --window")
     if max_age < 0:
         raise UserError("--max-age must be >= 0")
+    if probe_seconds <= 0:
+        raise UserError("plan needs the link measured: --probe-seconds must be above 0")
     aopts = AssessOptions(windows=windows, window_s=window_seconds, probe_s=probe_seconds)
     aopts.check()
     plans = run(plans_for(inv, store, names, to, opts, max_age, aopts, shutdown_timeout))

@@ -220,6 +220,8 @@ class LiveMigration:
         self.audit.append("job", {"vm": self.vm, "mode": self.mode,
                                   "source": self.report.source, "dest": self.report.dest,
                                   "options": self.report.options}, job=self.job_id)
+        if self.report.prediction is not None:  # the plan this job started from
+            self.audit.append("prediction", self.report.prediction, job=self.job_id)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
