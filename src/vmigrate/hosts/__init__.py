@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from vmigrate.hosts._base import CommandResult, Host, HostProcess
 from vmigrate.hosts._local import LocalHost
-from vmigrate.hosts._open import open_host
+from vmigrate.hosts._open import HostPool, open_host
 from vmigrate.hosts._ssh import SSHHost
 
-__all__ = ["CommandResult", "Host", "HostProcess", "LocalHost", "SSHHost", "open_host"]
+__all__ = ["CommandResult", "Host", "HostPool", "HostProcess", "LocalHost", "SSHHost",
+           "open_host"]

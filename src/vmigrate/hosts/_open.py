@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from vmigrate.config import HostConfig
+import contextlib
+
+from vmigrate.config import HostConfig, Inventory
 from vmigrate.hosts._base import Host
 from vmigrate.hosts._local import LocalHost
 from vmigrate.hosts._ssh import SSHHost
@@ -20,3 +22,26 @@ def open_host(cfg: HostConfig) -> Host:
         key=cfg.key,
         known_hosts=cfg.known_hosts,
     )
+
+
+class HostPool:
+    """Hosts of an inventory opened on first use and closed together (``aclose``):
+    what a service holds for the length of one command."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self._hosts: dict[str, Host] = {}
+
+    def get(self, name: str) -> tuple[Host, HostConfig]:
+        """The host named ``name`` and its entry (:class:`NotFoundError` if unknown)."""
+        cfg = self.inventory.host(name)
+        if name not in self._hosts:
+            self._hosts[name] = open_host(cfg)
+        return self._hosts[name], cfg
+
+    async def aclose(self) -> None:
+        """Close every session; a host that fails to close does not keep the others open."""
+        for host in self._hosts.values():
+            with contextlib.suppress(Exception):
+                await host.close()
+        self._hosts.clear()

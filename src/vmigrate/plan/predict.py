@@ -379,12 +379,16 @@ class _Infeasible(Exception):
         self.converges = converges
 
 
-def _live_model(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, *,
-                link: float, priors: Priors) -> _Model:
-    ram, wss, notes = _live_inputs(a, priors)
+def _memory(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, *, link: float,
+            priors: Priors, before_s: float, notes: list[str]) -> _Live:
+    """The memory migration at the mean dirty rate (and, in the notes, at the peak) on
+    ``link`` bytes/s, ``before_s`` seconds into the job; notes are appended."""
+    ram, wss, live_notes = _live_inputs(a, priors)
     cap = setup.parameters.get("max-bandwidth")
     rate = min(link, float(cap)) if isinstance(cap, int) else link
-    notes.insert(0, f"first pass {_size(ram)} at {_rate(rate)}")
+    notes.append(f"{'then memory: ' if before_s > priors.setup_s else ''}first pass "
+                 f"{_size(ram)} at {_rate(rate)}")
+    notes += live_notes
     mean = _simulate_live(opts, setup, ram=ram, link_rate=link, dirty_rate=a.dirty_rate,
                           wss=wss, priors=priors)
     if not mean.finished and not mean.aborts:
@@ -394,12 +398,24 @@ def _live_model(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, *,
     if a.dirty_peak > a.dirty_rate:
         peak = _simulate_live(opts, setup, ram=ram, link_rate=link, dirty_rate=a.dirty_peak,
                               wss=wss, priors=priors)
-        notes.append(_peak_note(mean, peak, a.dirty_peak, priors.setup_s))
-    raw = Figures(total_time_s=priors.setup_s + mean.time_s, downtime_ms=mean.downtime_ms,
-                  wire_bytes=round(mean.wire))
+        notes.append(_peak_note(mean, peak, a.dirty_peak, before_s))
+    return mean
+
+
+def _from_memory(raw: Figures, mean: _Live, notes: list[str]) -> _Model:
     return _Model(raw=raw, postcopy=mean.postcopy or mean.paused, converges=mean.converges,
                   aborts=mean.aborts, iterations=mean.run.iterations, steps=mean.steps,
                   notes=tuple(notes))
+
+
+def _live_model(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, *,
+                link: float, priors: Priors) -> _Model:
+    notes: list[str] = []
+    mean = _memory(a, opts, setup, link=link, priors=priors, before_s=priors.setup_s,
+                   notes=notes)
+    raw = Figures(total_time_s=priors.setup_s + mean.time_s, downtime_ms=mean.downtime_ms,
+                  wire_bytes=round(mean.wire))
+    return _from_memory(raw, mean, notes)
 
 
 def _online_model(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, *,
@@ -415,28 +431,13 @@ def _online_model(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, 
     mirror_bytes = allocated + writes * mirror_s
     notes = [f"mirror {_size(allocated)} of disk at {_rate(left)} (link {_rate(link)} less "
              f"disk writes {_rate(writes)}): ready after {mirror_s:.1f} s"]
-    ram, wss, live_notes = _live_inputs(a, priors)
-    cap = setup.parameters.get("max-bandwidth")
-    rate = min(left, float(cap)) if isinstance(cap, int) else left
-    notes.append(f"then memory: first pass {_size(ram)} at {_rate(rate)}")
-    notes += live_notes
-    mean = _simulate_live(opts, setup, ram=ram, link_rate=left, dirty_rate=a.dirty_rate,
-                          wss=wss, priors=priors)
-    if not mean.finished and not mean.aborts:
-        raise _Infeasible(f"{mean.outcome()} and policy {opts.policy.name!r} never forces "
-                          "completion", converges=False)
-    notes.append(mean.outcome())
-    if a.dirty_peak > a.dirty_rate:
-        peak = _simulate_live(opts, setup, ram=ram, link_rate=left, dirty_rate=a.dirty_peak,
-                              wss=wss, priors=priors)
-        notes.append(_peak_note(mean, peak, a.dirty_peak, priors.setup_s + mirror_s))
+    mean = _memory(a, opts, setup, link=left, priors=priors,
+                   before_s=priors.setup_s + mirror_s, notes=notes)
     downtime = mean.downtime_ms + priors.handover_ms if mean.finished else 0.0
     wire = mirror_bytes + mean.wire + writes * mean.time_s
     raw = Figures(total_time_s=priors.setup_s + mirror_s + mean.time_s, downtime_ms=downtime,
                   wire_bytes=round(wire))
-    return _Model(raw=raw, postcopy=mean.postcopy or mean.paused, converges=mean.converges,
-                  aborts=mean.aborts, iterations=mean.run.iterations, steps=mean.steps,
-                  notes=tuple(notes))
+    return _from_memory(raw, mean, notes)
 
 
 def _shutdown_s(priors: Priors, shutdown_timeout: float) -> float:

@@ -30,7 +30,6 @@ truncated, so each window counts half a MiB/s more (the middle of the interval);
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Any
 
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.errors import HostError, QmpError, UserError
-from vmigrate.hosts import Host, open_host
+from vmigrate.hosts import Host, HostPool
 from vmigrate.pki import QEMU_FILES
 from vmigrate.plan.assessment import (
     Assessment,
@@ -172,22 +171,16 @@ class Assessor:
         self.inventory = inventory
         self.store = store
         self.note: Note = note or (lambda line: None)
-        self._hosts: dict[str, Host] = {}
+        self._hosts = HostPool(inventory)
 
     async def __aenter__(self) -> Assessor:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for host in self._hosts.values():
-            with contextlib.suppress(Exception):
-                await host.close()
-        self._hosts.clear()
+        await self._hosts.aclose()
 
     def _host(self, name: str) -> tuple[Host, HostConfig]:
-        cfg = self.inventory.host(name)
-        if name not in self._hosts:
-            self._hosts[name] = open_host(cfg)
-        return self._hosts[name], cfg
+        return self._hosts.get(name)
 
     async def assess(self, vm: str, *, dest: str | None = None,
                      opts: AssessOptions = AssessOptions(), store: bool = True) -> Assessment:

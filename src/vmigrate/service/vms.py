@@ -14,7 +14,7 @@ from typing import Any
 
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.errors import GuestTimeoutError, HostError, SpecError, StateError
-from vmigrate.hosts import Host, open_host
+from vmigrate.hosts import Host, HostPool
 from vmigrate.lab.image import format_workloads, image_paths, kernel_cmdline, parse_workloads
 from vmigrate.qemu import process
 from vmigrate.qemu.process import VmState
@@ -88,7 +88,7 @@ class VmService:
     def __init__(self, inventory: Inventory, store: Store) -> None:
         self.inventory = inventory
         self.store = store
-        self._hosts: dict[str, Host] = {}
+        self._hosts = HostPool(inventory)
 
     async def __aenter__(self) -> VmService:
         return self
@@ -96,15 +96,10 @@ class VmService:
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for host in self._hosts.values():
-            await host.close()
-        self._hosts.clear()
+        await self._hosts.aclose()
 
     def _host(self, name: str) -> tuple[Host, HostConfig]:
-        cfg = self.inventory.host(name)
-        if name not in self._hosts:
-            self._hosts[name] = open_host(cfg)
-        return self._hosts[name], cfg
+        return self._hosts.get(name)
 
     def spec(self, record: VmRecord) -> VMSpec:
         return VMSpec.model_validate_json(record.spec_json)
