@@ -167,6 +167,15 @@ async def _pipe(src: Any, dst: Any) -> None:
         await dst.drain()
 
 
+async def _listening_at(end: _End, addr: str) -> str:
+    """``ADDRESS:PORT`` where ``end`` (started with ``--listen addr:0``) accepts."""
+    try:
+        port = await asyncio.wait_for(end.listening, LISTEN_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise TransferError(f"the {end.name} did not start listening") from exc
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def sender_args(opts: SendOptions) -> list[str]:
     args = ["--target-format", opts.target_format, "--chunk-size", str(opts.chunk_size),
             "--cipher", opts.cipher, "--compress", opts.compress, "--verify", opts.verify,
@@ -240,13 +249,9 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
             ends.append(recv)
             recv.proc.stdin.write(key_line)
             await recv.proc.stdin.drain()
-            try:
-                port = await asyncio.wait_for(recv.listening, LISTEN_TIMEOUT_S)
-            except TimeoutError as exc:
-                raise TransferError("the receiver did not start listening") from exc
-            host_part = f"[{addr}]" if ":" in addr else addr
-            snd = _End("sender", await s_host.spawn(
-                [*send_argv, "--connect", f"{host_part}:{port}"]), progress)
+            where = await _listening_at(recv, addr)
+            snd = _End("sender", await s_host.spawn([*send_argv, "--connect", where]),
+                       progress)
             ends.append(snd)
             snd.proc.stdin.write(key_line)
             await snd.proc.stdin.drain()
@@ -314,13 +319,9 @@ async def probe_link(src: Host, src_cfg: HostConfig, dst: Host, dst_cfg: HostCon
             [*_command(dst_cfg), "transfer", "probe-sink", "--listen", f"{addr}:0",
              "--seconds", str(seconds)]), None, listens=True)
         ends.append(sink)
-        try:
-            port = await asyncio.wait_for(sink.listening, LISTEN_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise TransferError("the link probe's sink did not start listening") from exc
-        host_part = f"[{addr}]" if ":" in addr else addr
+        where = await _listening_at(sink, addr)
         sender = _End("link probe sender", await src.spawn(
-            [*_command(src_cfg), "transfer", "probe-send", "--connect", f"{host_part}:{port}",
+            [*_command(src_cfg), "transfer", "probe-send", "--connect", where,
              "--seconds", str(seconds)]), None)
         ends.append(sender)
         got, sent = await asyncio.wait_for(
