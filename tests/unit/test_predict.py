@@ -293,7 +293,7 @@ def test_online_mirror_then_memory() -> None:
     fig = raw(p)
     mirror_s = 2 * GiB / (B - w)
     live_s = (GiB - (B - w) * 0.05) / (B - w)  # the memory pass on what the mirror leaves
-    assert fig.total_time_s == pytest.approx(2 + mirror_s + live_s, abs=TICK + 1e-6)
+    assert fig.total_time_s == pytest.approx(2 + 3 + mirror_s + live_s, abs=TICK + 1e-6)
     assert 60 + 100 + 50 - TICK * 1000 < fig.downtime_ms <= 60 + 100 + 50 + 1e-6
     wire = 2 * GiB + w * mirror_s + GiB + w * live_s
     assert fig.wire_bytes == pytest.approx(wire, rel=1e-4)
@@ -560,6 +560,10 @@ def test_measured_figures_online_adds_the_mirrors() -> None:
     assert measured_figures(report("online", disks=disks)) == Figures(
         total_time_s=12.5, downtime_ms=80.5, wire_bytes=17_000)
     assert measured_figures(report("online", disks=[{"bytes": None}])) is None
+    # the mirror's count includes holes: the disk's own wire estimate wins when given
+    disks = [{"bytes": 512 << 20, "wire_bytes": 128 << 20}]
+    assert measured_figures(report("online", disks=disks)) == Figures(
+        total_time_s=12.5, downtime_ms=80.5, wire_bytes=10_000 + (128 << 20))
 
 
 @pytest.mark.parametrize("mode", ["cold", "warm"])

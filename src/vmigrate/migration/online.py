@@ -392,10 +392,14 @@ def _disk_entry(p: DiskPlan) -> dict[str, Any]:
     mbps = None
     if p.ready_s:
         mbps = round(min(p.copied, p.info.actual_size) * 8 / p.ready_s / 1e6, 1)
+    # on the wire: the data, plus what the guest rewrote during the copy (the mirror's
+    # count beyond one pass over the disk); holes travel as zero-write requests
+    wire = p.info.actual_size + max(0, p.copied - p.info.virtual_size)
     return {
         "source": p.source, "format": p.info.format, "virtual_size": p.info.virtual_size,
         "source_allocated": p.info.actual_size, "target": p.target,
-        "target_format": p.target_format, "bytes": p.copied, "ready_s": p.ready_s,
+        "target_format": p.target_format, "bytes": p.copied, "wire_bytes": wire,
+        "ready_s": p.ready_s,
         "handover_s": p.handover_s, "mirror_mbps": mbps,
     }
 

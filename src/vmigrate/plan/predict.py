@@ -148,6 +148,9 @@ class Priors(_Frozen):
     switchover_ms: float = Field(default=60.0, ge=0)
     #: downtime of the switch to post-copy (the guest resumes on the destination)
     postcopy_switch_ms: float = Field(default=150.0, ge=0)
+    #: online, before the mirrors start: create the target images, export them over NBD
+    #: on the destination, add and start the mirror jobs (lab: about 3 s)
+    mirror_setup_s: float = Field(default=3.0, ge=0)
     #: online: completing the ready mirrors at the switchover, added to the downtime
     handover_ms: float = Field(default=100.0, ge=0)
     #: a guest's ACPI power-off; never counted above the shutdown timeout (then it
@@ -431,12 +434,13 @@ def _online_model(a: Assessment, opts: MigrationOptions, setup: MigrationSetup, 
     mirror_bytes = allocated + writes * mirror_s
     notes = [f"mirror {_size(allocated)} of disk at {_rate(left)} (link {_rate(link)} less "
              f"disk writes {_rate(writes)}): ready after {mirror_s:.1f} s"]
+    mirror_setup = priors.mirror_setup_s if a.disks else 0.0
     mean = _memory(a, opts, setup, link=left, priors=priors,
-                   before_s=priors.setup_s + mirror_s, notes=notes)
+                   before_s=priors.setup_s + mirror_setup + mirror_s, notes=notes)
     downtime = mean.downtime_ms + priors.handover_ms if mean.finished else 0.0
     wire = mirror_bytes + mean.wire + writes * mean.time_s
-    raw = Figures(total_time_s=priors.setup_s + mirror_s + mean.time_s, downtime_ms=downtime,
-                  wire_bytes=round(wire))
+    raw = Figures(total_time_s=priors.setup_s + mirror_setup + mirror_s + mean.time_s,
+                  downtime_ms=downtime, wire_bytes=round(wire))
     return _from_memory(raw, mean, notes)
 
 
@@ -684,7 +688,9 @@ def measured_figures(report: Mapping[str, Any]) -> Figures | None:
 
     Downtime: the probe's observed downtime, else QEMU's. Wire bytes: live and
     cold/warm ``bytes_transferred`` (for cold/warm already the sum of the disks'
-    wire bytes); online adds every disk mirror's ``bytes``. None when the
+    wire bytes); online adds every disk mirror's ``wire_bytes`` (the source's data
+    plus what was copied again; reports before it: the mirror's ``bytes``, holes
+    included). None when the
     migration did not complete, its mode is unknown, or a figure is missing.
     """
     if report.get("status") != "completed":
@@ -700,7 +706,9 @@ def measured_figures(report: Mapping[str, Any]) -> Figures | None:
         if not isinstance(disks, Sequence) or isinstance(disks, str | bytes):
             return None
         for disk in disks:
-            copied = _number(disk.get("bytes")) if isinstance(disk, Mapping) else None
+            # the mirror's "bytes" count holes too; "wire_bytes" (since issue 6) does not
+            copied = (_number(disk.get("wire_bytes", disk.get("bytes")))
+                      if isinstance(disk, Mapping) else None)
             if copied is None:
                 return None
             wire += copied
