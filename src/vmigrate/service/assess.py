@@ -12,7 +12,8 @@ The I/O half of planning (the pure half is :mod:`vmigrate.plan`). For one VM:
 * **disks**: virtual size (``qemu-img info``), allocated bytes (``stat``), the
   guest's write rate (``query-blockstats`` before and after the windows), how
   well the data would travel (a sample read on the host: zero and compressed
-  share), and whether the destination sees the same file (shared storage);
+  share), and whether the destination sees the same file (same inode and size
+  there: shared storage);
 * **CPU**: the QEMU process's CPU time over the windows, per vCPU;
 * **link**: one TCP stream between the hosts' migration addresses, measured on
   the receiver (:func:`vmigrate.transfer.remote.probe_link`).
@@ -152,6 +153,14 @@ async def _nonzero_fraction(qmp: QmpSession, host: Host, vm_dir: str, memory: in
     return sum(1 for p in pages if p != zero) / len(pages)
 
 
+async def _same_file(src: Host, dst: Host, path: str) -> bool:
+    """The destination sees the very file the source has at ``path`` (shared storage):
+    same inode and size, not merely a file of the same name."""
+    argv = ["stat", "-L", "-c", "%i %s", "--", path]
+    a, b = await src.run(argv, check=False), await dst.run(argv, check=False)
+    return a.status == 0 and b.status == 0 and a.stdout.split() == b.stdout.split()
+
+
 def _written(stats: list[dict[str, Any]]) -> dict[str, int]:
     return {str(s.get("node-name") or s.get("device") or s.get("qdev")):
             int(s.get("stats", {}).get("wr_bytes", 0)) for s in stats}
@@ -277,9 +286,7 @@ class Assessor:
                                         chunks=opts.sample_chunks)
                 ratio = max(float(got["ratio"]), 1e-4)
                 allocated = min(allocated, int(got["allocated"])) or allocated
-            shared = False
-            if dst_pair is not None:
-                shared = not await dst_pair[0].missing([disk.path])
+            shared = dst_pair is not None and await _same_file(src, dst_pair[0], disk.path)
             rate = written.get(f"disk{i}", 0) / write_s if write_s else 0.0
             disks.append(DiskAssessment(
                 device=f"disk{i}", path=disk.path, format=disk.format,
