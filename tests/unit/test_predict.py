@@ -555,6 +555,11 @@ def test_measured_figures_live() -> None:
         total_time_s=12.5, downtime_ms=50, wire_bytes=10_000)
 
 
+def test_measured_figures_leave_out_the_checks_after_the_switchover() -> None:
+    got = measured_figures(report("live", checks_s=4.5))
+    assert got is not None and got.total_time_s == 8.0
+
+
 def test_measured_figures_online_adds_the_mirrors() -> None:
     disks = [{"source": "a", "target": "b", "bytes": 5_000}, {"bytes": 2_000}]
     assert measured_figures(report("online", disks=disks)) == Figures(

@@ -132,7 +132,9 @@ def render_report(r: dict[str, Any]) -> None:
     for step in r.get("steps", []):
         table.add_row("", f"t={step['t']}s it={step['iteration']}: {step['action']} "
                       f"({step['detail']})")
-    table.add_row("total time", f"{r.get('total_time_s')} s")
+    table.add_row("total time", f"{r.get('total_time_s')} s" + (
+        f" (of which {r['checks_s']} s checking the guest on {r['dest']})"
+        if r.get("checks_s") else ""))
     obs = r.get("observed_downtime_ms")
     if disk_mode:
         table.add_row("downtime (observed)", "-" if obs is None else

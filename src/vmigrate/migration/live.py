@@ -605,12 +605,14 @@ class LiveMigration:
                              f"is {status}, not running")
         await self._finish_storage()
         self.report.verification.dest_running = True
+        t0 = time.monotonic()
         await self._await_ping()
         await self._stop_probe()
         if self._memtouch:  # a pass numbered above the source's last ran here
             await self._memcheck(after_pass=self._src_pass)
         else:
             self._check_crash(await self._dest_console())
+        self.report.checks_s = round(time.monotonic() - t0, 3)
 
     @staticmethod
     async def _wait_run_state(qmp: QmpSession, timeout: float) -> str:

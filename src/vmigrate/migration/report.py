@@ -58,6 +58,10 @@ class MigrationReport(BaseModel):
     tls: bool = True
     started_at: float = 0.0
     total_time_s: float | None = None
+    #: live/online: seconds of total_time_s spent checking the guest once it ran on the
+    #: destination (waiting for its ping, the lab guest's memory check, its console);
+    #: the migration itself took total_time_s - checks_s
+    checks_s: float | None = None
     qemu_total_time_ms: int | None = None
     qemu_downtime_ms: int | None = None
     observed_downtime_ms: float | None = None

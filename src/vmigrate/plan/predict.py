@@ -686,7 +686,9 @@ def _number(value: object) -> float | None:
 def measured_figures(report: Mapping[str, Any]) -> Figures | None:
     """The measured figures of a finished migration report (``MigrationReport`` as a dict).
 
-    Downtime: the probe's observed downtime, else QEMU's. Wire bytes: live and
+    Total time: the job's, less ``checks_s`` (the checks of the guest after it ran on
+    the destination, which the models do not predict). Downtime: the probe's
+    observed downtime, else QEMU's. Wire bytes: live and
     cold/warm ``bytes_transferred`` (for cold/warm already the sum of the disks'
     wire bytes); online adds every disk mirror's ``wire_bytes`` (the source's data
     plus what was copied again; reports before it: the mirror's ``bytes``, holes
@@ -697,6 +699,9 @@ def measured_figures(report: Mapping[str, Any]) -> Figures | None:
         return None
     mode = report.get("mode")
     total = _number(report.get("total_time_s"))
+    checks = _number(report.get("checks_s"))
+    if total is not None and checks is not None:  # the migration, not our checks after it
+        total = max(0.0, total - checks)
     downtime = _number(report.get("observed_downtime_ms"))
     if downtime is None:
         downtime = _number(report.get("qemu_downtime_ms"))
