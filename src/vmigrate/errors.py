@@ -8,8 +8,12 @@ and says whose fault it is through its class:
         ``ConfigError`` -- the inventory file is missing, unreadable or invalid.
         ``SpecError`` -- a VM spec is invalid (memory size, disk, host ...).
         ``NotFoundError`` -- a named VM, host or lab does not exist.
-        ``StateError`` -- the object is in the wrong state for the request
-          (VM already running, lab already up ...).
+        ``ConflictError`` -- the request conflicts with the current state and was
+          refused before anything changed (VM already running, VM locked by a
+          job, lab already up, target image exists ...).
+    ``StateError`` -- an object turned out to be in the wrong state while an
+      operation was under way (a guest that did not power off, a client in the
+      wrong state); something may have changed: the message says what holds.
     ``EnvironmentError_`` -- this machine lacks something (root, a binary,
       the guest image); the message says what to install or run.
     ``HostError`` -- a host could not do what was asked.
@@ -19,7 +23,11 @@ and says whose fault it is through its class:
         ``NbdError`` -- an NBD server refused a request (carries the errno
           name it sent), broke the protocol, or the connection was lost.
     ``QemuError`` -- QEMU failed.
-        ``QmpError`` -- a QMP command failed or the monitor went away.
+        ``QmpError`` -- a QMP command did not succeed.
+            ``QmpCommandError`` -- QEMU answered with an error; carries its class
+              (``GenericError``, ``DeviceNotFound`` ...).
+            ``QmpConnectionError`` -- the monitor could not be reached, went away,
+              or did not answer in time; the command may or may not have run.
         ``VmStartError`` -- QEMU exited before it came up.
         ``GuestTimeoutError`` -- the guest did not show the expected sign of life
           (a console line) in time.
@@ -29,7 +37,18 @@ and says whose fault it is through its class:
           key, altered frames) or the copy does not match its source; nothing
           was marked complete.
     ``LabError`` -- building or tearing down the lab failed.
-    ``StoreError`` -- the state database is unreadable or of an unknown version.
+    ``StoreError`` -- the state database or the audit log is unreadable, of an
+      unknown version, or cannot be written.
+    ``MigrationError`` -- a migration job did not complete; its report, stored
+      with the job, says where it stopped.
+        ``MigrationFailed`` -- it failed before the point of no return and was
+          rolled back: the source runs, the destination is clean.
+        ``Cancelled`` -- the operator cancelled it before the point of no return;
+          rolled back like a failure.
+        ``NeedsOperator`` -- the outcome cannot be settled by vmigrate alone (the
+          guest's memory is split between the hosts, or the checks after the
+          switchover failed); nothing was destroyed and the VM stays locked until
+          ``vmigrate job recover`` or ``vmigrate job resolve`` settles it.
 
 Foreign errors (asyncssh, qemu.qmp, sqlite3, OSError) are translated at the
 boundary where they are caught: ``raise Ours(...) from exc``.
@@ -66,8 +85,13 @@ class NotFoundError(UserError):
     """A named VM, host or lab does not exist."""
 
 
-class StateError(UserError):
-    """The object is in the wrong state for the request."""
+class ConflictError(UserError):
+    """The request conflicts with the current state; refused, nothing was changed."""
+
+
+class StateError(VmigrateError):
+    """An object was in the wrong state while an operation was under way; something
+    may have changed (the message says what holds)."""
 
 
 class EnvironmentError_(VmigrateError):
@@ -118,11 +142,26 @@ class QemuError(VmigrateError):
 
 
 class QmpError(QemuError):
-    """A QMP command failed, or the monitor connection was lost."""
+    """A QMP command did not succeed: see the two subclasses.
 
-    def __init__(self, message: str, error_class: str | None = None) -> None:
+    ``error_class`` is QEMU's error class for a :class:`QmpCommandError` and
+    None for a :class:`QmpConnectionError`.
+    """
+
+    error_class: str | None = None
+
+
+class QmpCommandError(QmpError):
+    """QEMU answered the command with an error of class ``error_class``."""
+
+    def __init__(self, message: str, error_class: str = "GenericError") -> None:
         self.error_class = error_class
         super().__init__(message)
+
+
+class QmpConnectionError(QmpError):
+    """The monitor could not be reached, went away, or did not answer in time; the
+    command may or may not have run."""
 
 
 class VmStartError(QemuError):
@@ -148,4 +187,25 @@ class LabError(VmigrateError):
 
 
 class StoreError(VmigrateError):
-    """The state database is unreadable or of an unknown version."""
+    """The state database or the audit log is unreadable, of an unknown version, or
+    cannot be written."""
+
+
+class MigrationError(VmigrateError):
+    """A migration job did not complete; its stored report says where it stopped."""
+
+
+class MigrationFailed(MigrationError):
+    """Failed before the point of no return and rolled back: the source runs, the
+    destination is clean."""
+
+
+class Cancelled(MigrationError):
+    """Cancelled by the operator before the point of no return; rolled back."""
+
+
+class NeedsOperator(MigrationError):
+    """Not settled: nothing was destroyed, the VM stays locked until an operator (or
+    ``vmigrate job recover``) settles it."""
+
+    exit_code = 4

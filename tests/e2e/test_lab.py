@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from vmigrate.config import load_inventory
-from vmigrate.errors import LabError, StateError
+from vmigrate.errors import ConflictError, LabError
 from vmigrate.lab import _sshd, _sys, net
 from vmigrate.lab.net import LabSpec
 
@@ -148,7 +148,7 @@ def test_lab_up_and_down(tmp_path: Path) -> None:
             assert line is not None and " tbf " in line and "rate 1Gbit" in line
 
         # a second lab of the same name in the same home is refused
-        with pytest.raises(StateError):
+        with pytest.raises(ConflictError):
             net.lab_up(LabSpec(name=name), tmp_path)
 
         # a QEMU process whose pidfile is in a host's data dir is stopped by lab_down
@@ -299,7 +299,7 @@ def test_refuses_user_inventory_and_creates_nothing(tmp_path: Path) -> None:
     user_inv = '[hosts.a]\naddress = "192.0.2.1"\ndata_dir = "/srv/vm"\n'
     (tmp_path / "vmigrate.toml").write_text(user_inv)
     try:
-        with pytest.raises(StateError):
+        with pytest.raises(ConflictError):
             net.lab_up(LabSpec(name=name), tmp_path)
         assert leftovers(name) == []
         assert (tmp_path / "vmigrate.toml").read_text() == user_inv

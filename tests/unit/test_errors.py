@@ -73,9 +73,9 @@ async def test_ssh_unreachable_translated() -> None:
 
 
 def test_user_errors_exit_2() -> None:
-    from vmigrate.errors import ConfigError, NotFoundError, SpecError, StateError
+    from vmigrate.errors import ConfigError, ConflictError, NotFoundError, SpecError
 
-    for cls in (ConfigError, SpecError, NotFoundError, StateError):
+    for cls in (ConfigError, SpecError, NotFoundError, ConflictError):
         assert issubclass(cls, UserError) and cls.exit_code == 2
 
 
@@ -89,3 +89,25 @@ async def test_local_file_copy(tmp_path: Path) -> None:
     with pytest.raises(HostError):
         await host.put_file(tmp_path / "absent", str(tmp_path / "d"))
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.part").exists()
+
+
+def test_state_and_migration_errors_are_not_user_errors() -> None:
+    from vmigrate.errors import (
+        Cancelled,
+        MigrationError,
+        MigrationFailed,
+        NeedsOperator,
+        QmpCommandError,
+        QmpConnectionError,
+        QmpError,
+        StateError,
+    )
+
+    # exit 2 means "nothing was changed": neither of these can promise it
+    assert not issubclass(StateError, UserError) and StateError.exit_code != 2
+    for cls in (MigrationFailed, Cancelled, NeedsOperator):
+        assert issubclass(cls, MigrationError) and not issubclass(cls, UserError)
+    assert NeedsOperator.exit_code == 4
+    assert QmpCommandError("x", "DeviceNotFound").error_class == "DeviceNotFound"
+    assert QmpConnectionError("gone").error_class is None
+    assert issubclass(QmpCommandError, QmpError) and issubclass(QmpConnectionError, QmpError)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.errors import EnvironmentError_, SpecError, StateError
+from vmigrate.errors import ConflictError, EnvironmentError_, SpecError
 from vmigrate.hosts import LocalHost
 from vmigrate.qemu.images import (
     QCOW2_FIXED_OVERHEAD,
@@ -191,11 +191,11 @@ async def test_create_refuses_overwrite(host: LocalHost, tmp_path: Path) -> None
     path = tmp_path / "a.qcow2"
     await create_image(host, str(path), "qcow2", 64 * MiB)
     before = path.read_bytes()
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         await create_image(host, str(path), "raw", 1 * MiB)
     assert path.read_bytes() == before
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         await create_image(host, str(tmp_path / "dangling"), "raw", 1 * MiB)
     assert not (tmp_path / "nowhere").exists()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.errors import EnvironmentError_, LabError, SpecError, StateError, UserError
+from vmigrate.errors import ConflictError, EnvironmentError_, LabError, SpecError, UserError
 from vmigrate.lab import net
 from vmigrate.lab._plan import (
     IFNAMSIZ,
@@ -256,16 +256,16 @@ def test_lab_up_bad_spec_first(tmp_path: Path) -> None:
 
 def test_refuses_user_inventory(tmp_path: Path) -> None:
     (tmp_path / "vmigrate.toml").write_text('[hosts.a]\ndata_dir = "/d"\n')
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         net._refuse_if_taken(tmp_path, "tzz")
     (tmp_path / "vmigrate.toml").write_text("not = [toml")
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         net._refuse_if_taken(tmp_path, "tzz")
 
 
 def test_refuses_lab_already_up(tmp_path: Path) -> None:
     (tmp_path / "labs" / "tzz").mkdir(parents=True)
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         net._refuse_if_taken(tmp_path, "tzz")
 
 

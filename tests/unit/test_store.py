@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.errors import NotFoundError, StateError, StoreError
+from vmigrate.errors import ConflictError, NotFoundError, StoreError
 from vmigrate.store import Store
 
 
 def test_vm_records(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     store.add_vm("a", "h1", '{"x": 1}')
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         store.add_vm("a", "h2", "{}")
     assert store.get_vm("a").host == "h1"
     store.set_vm_host("a", "h2")
@@ -50,7 +50,7 @@ def test_jobs_lock_and_lifecycle(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     job = store.create_job("j1", "vm1", "live", "h1", "h2", {"policy": "balanced"}, pid=123)
     assert job.active and job.phase == "begin" and job.options == {"policy": "balanced"}
-    with pytest.raises(StateError):  # the VM is locked while a job runs
+    with pytest.raises(ConflictError):  # the VM is locked while a job runs
         store.create_job("j2", "vm1", "live", "h1", "h2", {})
     store.set_phase("j1", "perform")
     assert store.request_cancel("j").cancel_requested  # id prefixes work
@@ -58,7 +58,7 @@ def test_jobs_lock_and_lifecycle(tmp_path: Path) -> None:
     done = store.get_job("j1")
     assert (done.status, done.phase, done.report) == ("cancelled", "perform",
                                                       {"status": "cancelled"})
-    with pytest.raises(StateError):
+    with pytest.raises(ConflictError):
         store.request_cancel("j1")
     store.create_job("j2", "vm1", "live", "h1", "h2", {})  # unlocked again
     assert [j.id for j in store.list_jobs(active=True)] == ["j2"]

@@ -12,7 +12,7 @@ from rich.table import Table
 from vmigrate.audit.log import AuditLog
 from vmigrate.cli._common import CTX, err, out, print_json, run
 from vmigrate.config import Inventory, state_home
-from vmigrate.errors import StateError, UserError
+from vmigrate.errors import ConflictError, UserError
 from vmigrate.migration import live
 from vmigrate.migration.cold import ColdMigration, DiskMoveOptions, WarmMigration
 from vmigrate.migration.online import OnlineMigration, OnlineOptions
@@ -188,7 +188,7 @@ def _predicted(inv: Inventory, store: Store, name: str, to: str, mode: str,
                            shutdown_timeout))[0]
         render_plan(vp, err)
         if vp.decision.chosen is None:
-            raise StateError(f"no usable migration mode for {name}: "
+            raise ConflictError(f"no usable migration mode for {name}: "
                              + " ".join(vp.decision.explanation))
         return vp.decision.chosen, prediction_record(vp, vp.decision.chosen, chosen_by="auto")
     a = latest_assessment(store, name, to, max_age=max_age)

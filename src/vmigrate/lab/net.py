@@ -47,10 +47,10 @@ from vmigrate.config import (
 )
 from vmigrate.errors import (
     ConfigError,
+    ConflictError,
     EnvironmentError_,
     LabError,
     NotFoundError,
-    StateError,
     UserError,
 )
 from vmigrate.lab import _sshd, _sys
@@ -748,26 +748,26 @@ def _refuse_if_taken(home: Path, name: str) -> None:
         try:
             inv = parse_inventory(path.read_text(), str(path))
         except ConfigError as exc:
-            raise StateError(
+            raise ConflictError(
                 f"{path} exists and is not a lab inventory ({exc}); the lab will not "
                 "overwrite it: use another VMIGRATE_HOME"
             ) from exc
         if inv.lab is None:
-            raise StateError(
+            raise ConflictError(
                 f"{path} is your own inventory (it has no [lab] section); the lab will "
                 "not overwrite it: use another VMIGRATE_HOME"
             )
         if inv.lab.name != name and (home / "labs" / inv.lab.name / STATE_NAME).exists():
-            raise StateError(
+            raise ConflictError(
                 f"lab {inv.lab.name!r} is up in {home}: run 'vmigrate lab down' first"
             )
     if (home / "labs" / name).exists():
-        raise StateError(f"lab {name!r} is already up in {home} (or was not torn down): "
+        raise ConflictError(f"lab {name!r} is already up in {home} (or was not torn down): "
                          "run 'vmigrate lab down' first")
     taken = [ns for ns in _sys.netns_names() if _owned_by(name, ns)]
     taken += [link for link in _sys.root_links() if _owned_by(name, link)]
     if taken:
-        raise StateError(
+        raise ConflictError(
             f"a lab named {name!r} seems up elsewhere on this machine (another "
             f"VMIGRATE_HOME?): {', '.join(taken)} exist; pick another name"
         )

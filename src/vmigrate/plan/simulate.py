@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmigrate.errors import QmpError
+from vmigrate.errors import QmpCommandError
 from vmigrate.plan.policy import (
     QEMU_DEFAULT_DOWNTIME_MS,
     QEMU_DEFAULT_MAX_BANDWIDTH,
@@ -91,8 +91,8 @@ _EPS = 1e-9
 def _check(params: Mapping[str, Any]) -> None:
     """QEMU 7.2's range checks (migrate_params_check), on the merged values."""
 
-    def bad(name: str, what: str) -> QmpError:
-        return QmpError(f"Parameter '{name}' expects {what}", "GenericError")
+    def bad(name: str, what: str) -> QmpCommandError:
+        return QmpCommandError(f"Parameter '{name}' expects {what}", "GenericError")
 
     ranges = {
         "downtime-limit": (0, 2_000_000),
@@ -183,12 +183,12 @@ class SimulatedMigration:
         for name, value in params.items():
             if name in _STRING_PARAMS:
                 if value not in _STRING_PARAMS[name]:
-                    raise QmpError(f"Parameter '{name}' does not accept {value!r}",
+                    raise QmpCommandError(f"Parameter '{name}' does not accept {value!r}",
                                    "GenericError")
             elif name not in _PARAM_DEFAULTS:
-                raise QmpError(f"Parameter '{name}' is unexpected", "GenericError")
+                raise QmpCommandError(f"Parameter '{name}' is unexpected", "GenericError")
             elif not isinstance(value, int) or isinstance(value, bool):
-                raise QmpError(f"Invalid parameter type for '{name}', expected: integer",
+                raise QmpCommandError(f"Invalid parameter type for '{name}', expected: integer",
                                "GenericError")
             merged[name] = value
         _check(merged)
@@ -197,7 +197,7 @@ class SimulatedMigration:
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``."""
         if not self.capabilities.get("postcopy-ram", False):
-            raise QmpError("Enable postcopy with migrate_set_capability before the start "
+            raise QmpCommandError("Enable postcopy with migrate_set_capability before the start "
                            "of migration", "GenericError")
         if self.status != "active":
             return

@@ -15,7 +15,7 @@ Errors, by whose fault they are:
 
 * a bad argument, or an image that is missing or unreadable:
   :class:`~vmigrate.errors.SpecError`, one line naming the host and the path;
-* creating over an existing file: :class:`~vmigrate.errors.StateError`;
+* creating over an existing file: :class:`~vmigrate.errors.ConflictError`;
 * ``qemu-img`` (or ``df``, ``stat``) not installed on the host:
   :class:`~vmigrate.errors.EnvironmentError_`;
 * any other failing command: :class:`~vmigrate.errors.CommandError`; output the
@@ -35,10 +35,10 @@ from typing import Literal, TypeGuard
 
 from vmigrate.errors import (
     CommandError,
+    ConflictError,
     EnvironmentError_,
     HostError,
     SpecError,
-    StateError,
 )
 from vmigrate.hosts import CommandResult, Host
 
@@ -262,7 +262,7 @@ async def create_image(host: Host, path: str, fmt: ImageFormat, virtual_size: in
 
     qcow2 is created with ``preallocation=off`` (default 64 KiB clusters), raw
     as a sparse file. An existing file (or dangling symlink) at ``path`` is never
-    touched: :class:`StateError`. The check is atomic (the file is first
+    touched: :class:`ConflictError`. The check is atomic (the file is first
     created exclusively, then formatted), so two racing creators cannot both
     succeed. After any other failure no file is left at ``path``; directories
     made on the way are left behind. If the call is cancelled while qemu-img
@@ -282,7 +282,7 @@ async def create_image(host: Host, path: str, fmt: ImageFormat, virtual_size: in
     res = await host.run(
         ["sh", "-c", script, "sh", posixpath.dirname(path) or "/", path], check=False)
     if res.status == _EXISTS:
-        raise StateError(f"on {host.name}: {path} already exists; not overwriting it")
+        raise ConflictError(f"on {host.name}: {path} already exists; not overwriting it")
     if res.status != 0:
         raise CommandError(host.name, ["create", path], res.status, res.stderr)
     argv = ["qemu-img", "create", "-q", "-f", fmt]

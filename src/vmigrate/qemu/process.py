@@ -15,7 +15,15 @@ import time
 from enum import StrEnum
 
 from vmigrate.config import HostConfig
-from vmigrate.errors import CommandError, HostError, QmpError, SpecError, StateError, VmStartError
+from vmigrate.errors import (
+    CommandError,
+    ConflictError,
+    HostError,
+    QmpError,
+    SpecError,
+    StateError,
+    VmStartError,
+)
 from vmigrate.hosts import Host
 from vmigrate.qemu.argv import VmPaths, build_argv
 from vmigrate.qemu.qmp import qmp_session
@@ -112,7 +120,7 @@ async def start_vm(
         )
     await check_files(host, host_cfg, spec)
     if await vm_pid(host, paths) is not None:
-        raise StateError(f"VM {spec.name} is already running on {host_cfg.name}")
+        raise ConflictError(f"VM {spec.name} is already running on {host_cfg.name}")
     q = shlex.quote(paths.dir)
     await host.sh(f"mkdir -p {q} && rm -f {q}/qmp.sock {q}/console.sock {q}/qemu.pid {q}/qemu.log")
     await host.write_file(f"{paths.dir}/spec.json", spec.model_dump_json(indent=2).encode())

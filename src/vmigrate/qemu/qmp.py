@@ -1,8 +1,9 @@
 """A typed QMP session on a VM's monitor socket, through any :class:`Host`.
 
 Errors from qemu.qmp are translated here: a failed command raises
-:class:`~vmigrate.errors.QmpError` carrying QEMU's error class; a monitor that
-cannot be reached or goes away raises ``QmpError`` with ``error_class=None``.
+:class:`~vmigrate.errors.QmpCommandError` carrying QEMU's error class; a monitor that
+cannot be reached, goes away or does not answer in time raises
+:class:`~vmigrate.errors.QmpConnectionError`.
 After either, the session is closed.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
-from vmigrate.errors import QmpError
+from vmigrate.errors import QmpCommandError, QmpConnectionError
 from vmigrate.hosts import Host
 
 
@@ -39,33 +40,37 @@ class QmpSession:
 
         ``oob`` sends it out-of-band (answered even while QEMU's main loop is
         blocked, e.g. on a post-copy page fault). After ``timeout`` seconds without
-        a reply, :class:`QmpError` is raised; the command may still run in QEMU.
+        a reply, :class:`QmpConnectionError` is raised; the command may still run in QEMU.
         """
         try:
             return await asyncio.wait_for(
                 self._client.execute(command, arguments, oob=oob), timeout)
         except TimeoutError as exc:
-            raise QmpError(f"{self.vm}: no reply to {command} within {timeout}s") from exc
+            raise QmpConnectionError(f"{self.vm}: no reply to {command} within {timeout}s"
+                                     ) from exc
         except ExecuteError as exc:
-            raise QmpError(f"{self.vm}: {command} failed: {exc}", exc.error_class) from exc
+            raise QmpCommandError(f"{self.vm}: {command} failed: {exc}",
+                                  exc.error_class) from exc
         except (QMPError, EOFError, OSError) as exc:
-            raise QmpError(f"{self.vm}: monitor lost during {command}: {exc!r}") from exc
+            raise QmpConnectionError(f"{self.vm}: monitor lost during {command}: {exc!r}"
+                                     ) from exc
 
     async def execute_raw(self, message: Mapping[str, object]) -> dict[str, Any]:
         """Send a raw QMP message ``{"execute": ..., "arguments": ...}``; return the whole
         reply (``{"return": ...}`` or ``{"error": ...}``) as QEMU sent it."""
         command = message.get("execute")
         if not isinstance(command, str):
-            raise QmpError("a QMP command needs an 'execute' string", "GenericError")
+            raise QmpCommandError("a QMP command needs an 'execute' string")
         args = message.get("arguments")
         if args is not None and not isinstance(args, dict):
-            raise QmpError("'arguments' must be a JSON object", "GenericError")
+            raise QmpCommandError("'arguments' must be a JSON object")
         try:
             ret = await self._client.execute(command, args)
         except ExecuteError as exc:
             return {"error": {"class": exc.error_class, "desc": str(exc)}}
         except (QMPError, EOFError, OSError) as exc:
-            raise QmpError(f"{self.vm}: monitor lost during {command}: {exc!r}") from exc
+            raise QmpConnectionError(f"{self.vm}: monitor lost during {command}: {exc!r}"
+                                     ) from exc
         return {"return": ret}
 
     @contextlib.contextmanager
@@ -108,8 +113,8 @@ async def qmp_session(
         try:
             await asyncio.wait_for(client.connect(local), timeout)
         except (ConnectError, QMPError, OSError, TimeoutError) as exc:
-            raise QmpError(f"{vm}: cannot connect to the QMP monitor on {host.name}: {exc}"
-                           ) from exc
+            raise QmpConnectionError(
+                f"{vm}: cannot connect to the QMP monitor on {host.name}: {exc}") from exc
         try:
             yield QmpSession(client, vm)
         finally:

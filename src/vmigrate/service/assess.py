@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmigrate.config import HostConfig, Inventory
-from vmigrate.errors import HostError, QmpError, UserError
+from vmigrate.errors import HostError, QmpCommandError, QmpError, UserError
 from vmigrate.hosts import Host, HostPool
 from vmigrate.pki import QEMU_FILES
 from vmigrate.plan.assessment import (
@@ -102,7 +102,7 @@ async def _dirty_window(qmp: QmpSession, seconds: int) -> float:
         if reply.get("status") == "measured":
             return (float(reply.get("dirty-rate", 0)) + 0.5) * MiB
         if time.monotonic() > deadline:
-            raise QmpError(f"calc-dirty-rate did not finish (status {reply.get('status')})")
+            raise QmpCommandError(f"calc-dirty-rate did not finish (status {reply.get('status')})")
         await asyncio.sleep(0.2)
 
 

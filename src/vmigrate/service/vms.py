@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from vmigrate.config import HostConfig, Inventory
-from vmigrate.errors import GuestTimeoutError, HostError, SpecError, StateError
+from vmigrate.errors import ConflictError, GuestTimeoutError, HostError, SpecError
 from vmigrate.hosts import Host, HostPool
 from vmigrate.lab.image import format_workloads, image_paths, kernel_cmdline, parse_workloads
 from vmigrate.qemu import process
@@ -170,7 +170,7 @@ class VmService:
             addr = str(net.network_address + offset)
             if addr not in used and addr not in reserved:
                 return f"{addr}/{net.prefixlen}"
-        raise StateError(f"no free guest address left in {lab.vm_network}")
+        raise ConflictError(f"no free guest address left in {lab.vm_network}")
 
     def _prefix(self) -> int:
         lab = self.inventory.lab
@@ -248,7 +248,7 @@ class VmService:
         host, host_cfg = self._host(record.host)
         paths = process.vm_paths(host_cfg, name)
         if await process.vm_pid(host, paths) is None:
-            raise StateError(f"VM {name} is not running")
+            raise ConflictError(f"VM {name} is not running")
         async with qmp_session(host, paths.qmp, vm=name) as session:
             return await session.execute_raw(message)
 

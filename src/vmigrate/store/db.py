@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmigrate.errors import NotFoundError, StateError, StoreError
+from vmigrate.errors import ConflictError, NotFoundError, StoreError
 
 MAGIC = "vmigrate-store"
 SCHEMA_VERSION = 3
@@ -159,7 +159,7 @@ class Store:
         now = time.time()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM vms WHERE name=?", (name,)).fetchone():
-                raise StateError(f"a VM named {name!r} already exists")
+                raise ConflictError(f"a VM named {name!r} already exists")
             db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?)", (name, host, spec_json, now, now))
         return VmRecord(name, host, spec_json, now)
 
@@ -205,13 +205,13 @@ class Store:
         *, pid: int | None = None,
     ) -> JobRecord:
         """Record a new running job in phase ``begin``. The VM is locked: a second
-        active job for it raises :class:`StateError` and nothing is written."""
+        active job for it raises :class:`ConflictError` and nothing is written."""
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT id FROM jobs WHERE vm=? AND status=?", (vm, RUNNING)
                              ).fetchone()
             if row:
-                raise StateError(
+                raise ConflictError(
                     f"VM {vm!r} is locked by running job {row[0]} "
                     "(see 'vmigrate job show', or 'vmigrate job recover' if its controller died)"
                 )
@@ -253,7 +253,7 @@ class Store:
     def request_cancel(self, job_id: str) -> JobRecord:
         job = self.get_job(job_id)
         if not job.active:
-            raise StateError(f"job {job_id} is not running (status {job.status})")
+            raise ConflictError(f"job {job_id} is not running (status {job.status})")
         with self._tx() as db:
             db.execute("UPDATE jobs SET cancel_requested=1, updated_at=? WHERE id=?",
                        (time.time(), job.id))

@@ -44,7 +44,13 @@ from typing import Any, Final, Literal
 import blake3
 import zstandard
 
-from vmigrate.errors import StateError, TransferError, TransferIntegrityError, UserError
+from vmigrate.errors import (
+    ConflictError,
+    StateError,
+    TransferError,
+    TransferIntegrityError,
+    UserError,
+)
 from vmigrate.transfer import wire
 from vmigrate.transfer.crypto import AuthError, FrameCipher, available_ciphers
 from vmigrate.transfer.disks import FORMATS, Range, Source, Target, open_target
@@ -691,7 +697,7 @@ class _Receiver:
     async def run(self, hello: Any) -> ReceiveResult:
         size, chunk, fmt, final, verify, overwrite, delta = _check_hello(hello)
         if self.target.exists() and not overwrite:
-            raise StateError(f"{self.target} already exists; remove it or pass --overwrite")
+            raise ConflictError(f"{self.target} already exists; remove it or pass --overwrite")
         if not self.target.parent.is_dir():
             raise UserError(f"{self.target.parent} is not a directory")
         g = Geometry(size, chunk, fmt)
