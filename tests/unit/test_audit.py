@@ -5,16 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from vmigrate.audit import GENESIS, AuditLog, read, verify
+from vmigrate.audit import (
+    GENESIS,
+    REPAIR_EVENT,
+    AuditLog,
+    check_appendable,
+    read,
+    repair,
+    verify,
+)
 from vmigrate.audit.log import AuditRecord
 from vmigrate.cli.audit import app
-from vmigrate.errors import StoreError
+from vmigrate.errors import StoreError, UserError, VmigrateError
 
 
 def canonical(obj: dict[str, object]) -> str:
@@ -231,3 +242,178 @@ def test_cli_verify_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert (report["ok"], report["first_bad"]) == (False, 5)
+
+
+# -- torn tail: check_appendable, repair -------------------------------------------------------
+
+TORN = b'{"data":{"phase":"p10"},"event":"pha'  # an append cut short by a crash
+
+
+def make_torn(path: Path, n: int = 10) -> bytes:
+    """A valid log of n records followed by a partial line; returns the intact prefix."""
+    make_log(path, n)
+    intact = path.read_bytes()
+    path.write_bytes(intact + TORN)
+    return intact
+
+
+def test_torn_tail_is_refused_then_repaired(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    intact = make_torn(path)
+    result = verify(path)
+    assert (result.ok, result.torn, result.records, result.first_bad) == (False, True, 10, 11)
+    assert result.as_dict()["torn"] is True
+    with pytest.raises(StoreError):
+        AuditLog(path).append("phase", {})
+    with pytest.raises(StoreError):
+        check_appendable(path)
+    assert path.read_bytes() == intact + TORN
+
+    done = repair(path)
+    assert done.removed_bytes == len(TORN)
+    assert done.removed_sha256 == hashlib.sha256(TORN).hexdigest()
+    assert done.records_kept == 10
+    assert done.as_dict()["record"] == done.record.as_dict()
+    # the file is the intact prefix plus the repair record, which is chained to it
+    assert path.read_bytes().startswith(intact)
+    records = read(path)
+    assert records[-1] == done.record and len(records) == 11
+    assert done.record.event == REPAIR_EVENT and done.record.seq == 11
+    assert done.record.data == {"removed_bytes": len(TORN),
+                                "removed_sha256": hashlib.sha256(TORN).hexdigest(),
+                                "records_kept": 10}
+    after = verify(path)
+    assert (after.ok, after.torn, after.records) == (True, False, 11)
+    check_appendable(path)
+    assert AuditLog(path).append("phase", {"phase": "after"}).seq == 12
+    assert verify(path).ok
+
+
+def test_torn_first_line_repairs_to_a_fresh_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(TORN)
+    assert verify(path).torn and verify(path).records == 0
+    done = repair(path)
+    assert (done.records_kept, done.record.seq, done.record.prev) == (0, 1, GENESIS)
+    assert verify(path).ok and verify(path).records == 1
+
+
+def test_check_appendable_accepts_sound_logs(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    check_appendable(path)  # absent
+    assert not path.exists()
+    path.touch()
+    check_appendable(path)  # empty
+    make_log(path, 3)
+    check_appendable(path)
+    assert verify(path).records == 3
+
+
+def test_check_appendable_refuses_an_unreadable_last_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    make_log(path, 3)
+    write(path, [*lines(path), "not a record"])
+    with pytest.raises(StoreError):
+        check_appendable(path)
+    assert not verify(path).torn
+
+
+def _tamper_middle(path: Path) -> None:
+    write(path, _alter(lines(path)))
+
+
+def _tamper_middle_and_tear(path: Path) -> None:
+    write(path, _remove(lines(path)))
+    with path.open("ab") as f:
+        f.write(TORN)
+
+
+@pytest.mark.parametrize("damage", [None, _tamper_middle, _tamper_middle_and_tear])
+def test_repair_refuses_intact_and_tampered_logs(
+        tmp_path: Path, damage: Callable[[Path], None] | None) -> None:
+    path = tmp_path / "audit.jsonl"
+    make_log(path, 10)
+    if damage is not None:
+        damage(path)
+    before = path.read_bytes()
+    result = verify(path)
+    assert not result.torn
+    with pytest.raises(StoreError):
+        repair(path)
+    assert path.read_bytes() == before
+    assert verify(path) == result
+
+
+def test_repair_refuses_an_absent_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with pytest.raises(StoreError):
+        repair(path)
+    assert not path.exists()
+
+
+def test_cli_repair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMIGRATE_HOME", str(tmp_path))
+    path = tmp_path / "audit.jsonl"
+    intact = make_torn(path)
+    result = runner.invoke(app, ["verify"])
+    assert result.exit_code == 1 and "repair" in result.stdout
+    result = runner.invoke(app, ["verify", "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["torn"] is True
+
+    # no terminal (CliRunner's stdin is not a tty) and no --yes: refused, nothing changed
+    result = runner.invoke(app, ["repair"])
+    assert isinstance(result.exception, UserError) and result.exception.exit_code == 2
+    assert path.read_bytes() == intact + TORN
+
+    result = runner.invoke(app, ["repair", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(TORN).hexdigest() in result.stdout
+    assert runner.invoke(app, ["verify"]).exit_code == 0
+
+    # now intact: nothing to repair, exit status 1 through the StoreError
+    result = runner.invoke(app, ["repair", "--yes"])
+    assert isinstance(result.exception, StoreError) and result.exception.exit_code == 1
+
+
+def test_cli_repair_json_and_confirmation(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMIGRATE_HOME", str(tmp_path))
+    path = tmp_path / "audit.jsonl"
+    intact = make_torn(path)
+    result = runner.invoke(app, ["repair", "--yes", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["removed_bytes"], report["records_kept"]) == (len(TORN), 10)
+    assert report["record"] == read(path)[-1].as_dict()
+
+    # on a terminal, the operator is asked; "n" changes nothing, "y" repairs
+    path.write_bytes(intact + TORN)
+    monkeypatch.setattr("vmigrate.cli.audit._have_terminal", lambda: True)
+    result = runner.invoke(app, ["repair"], input="n\n")
+    assert result.exit_code == 1 and not isinstance(result.exception, VmigrateError)
+    assert path.read_bytes() == intact + TORN
+    result = runner.invoke(app, ["repair"], input="y\n")
+    assert result.exit_code == 0 and verify(path).ok
+
+
+def test_cli_repair_refuses_tampering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMIGRATE_HOME", str(tmp_path))
+    path = tmp_path / "audit.jsonl"
+    make_log(path, 10)
+    _tamper_middle(path)
+    before = path.read_bytes()
+    result = runner.invoke(app, ["repair", "--yes"])
+    assert isinstance(result.exception, StoreError) and result.exception.exit_code == 1
+    assert path.read_bytes() == before
+
+
+def test_cli_repair_exit_status_without_terminal(tmp_path: Path) -> None:
+    # the real entry point: the refusal is one 'error:' line on stderr and exit status 2
+    make_torn(tmp_path / "audit.jsonl")
+    env = {**os.environ, "VMIGRATE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "vmigrate", "audit", "repair"], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert verify(tmp_path / "audit.jsonl").torn

@@ -1,17 +1,22 @@
 """The tamper-evident audit log: every migration step, hash-chained, one JSON line each.
 
-Public surface: :class:`AuditLog` (append), :func:`verify`, :func:`read`,
-:class:`AuditRecord`, :class:`VerifyResult`. The log lives at
+Public surface: :class:`AuditLog` (append), :func:`check_appendable` (before work that
+will append), :func:`verify`, :func:`repair` (a torn last line only), :func:`read`,
+:class:`AuditRecord`, :class:`VerifyResult`, :class:`RepairResult`. The log lives at
 ``vmigrate.config.state_home() / AUDIT_FILENAME``.
 """
 
 from vmigrate.audit.log import (
     GENESIS,
+    REPAIR_EVENT,
     VERSION,
     AuditLog,
     AuditRecord,
+    RepairResult,
     VerifyResult,
+    check_appendable,
     read,
+    repair,
     verify,
 )
 
@@ -21,10 +26,14 @@ AUDIT_FILENAME = "audit.jsonl"
 __all__ = [
     "AUDIT_FILENAME",
     "GENESIS",
+    "REPAIR_EVENT",
     "VERSION",
     "AuditLog",
     "AuditRecord",
+    "RepairResult",
     "VerifyResult",
+    "check_appendable",
     "read",
+    "repair",
     "verify",
 ]
