@@ -44,9 +44,11 @@ from typing import Any
 from vmigrate.audit.log import AuditLog
 from vmigrate.config import HOME_ENV, load_inventory
 from vmigrate.lab.image import build_image
-from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root, set_link_rate
+from vmigrate.lab.links import set_link_rate
+from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.migration.live import LiveMigration
-from vmigrate.plan.policy import BUILTIN, MigrationOptions, Policy, Step
+from vmigrate.plan.capabilities import MigrationOptions
+from vmigrate.plan.policy import BUILTIN, Policy, Step
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 

@@ -80,19 +80,14 @@ from vmigrate.audit.log import AuditLog
 from vmigrate.config import HOME_ENV, Inventory, load_inventory
 from vmigrate.lab.disks import thin_raw_image
 from vmigrate.lab.image import build_image
-from vmigrate.lab.net import (
-    LabSpec,
-    host_netns,
-    lab_down,
-    lab_up,
-    require_root,
-    set_link_rate,
-)
+from vmigrate.lab.links import host_netns, set_link_rate
+from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ProbeResult
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
 from vmigrate.migration.live import Progress
 from vmigrate.migration.online import OnlineMigration, OnlineOptions
-from vmigrate.plan.policy import BUILTIN, MigrationOptions
+from vmigrate.plan.capabilities import MigrationOptions
+from vmigrate.plan.policy import BUILTIN
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 

@@ -155,7 +155,7 @@ class Bench:
 
     def wire(self) -> tuple[int, int]:
         """(h1 sent, h2 received) on the migration interfaces so far."""
-        from vmigrate.lab.net import link_bytes
+        from vmigrate.lab.links import link_bytes
         return link_bytes(self.home, "h1", self.lab)[1], link_bytes(self.home, "h2", self.lab)[0]
 
     def active_jobs(self, vm: str) -> list[str]:
@@ -606,7 +606,8 @@ def main() -> int:
 
     from vmigrate.config import HOME_ENV
     from vmigrate.lab.image import build_image
-    from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root, set_link_rate
+    from vmigrate.lab.links import set_link_rate
+    from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 
     links = _list(args.links, LINKS, "link")
     workloads = _list(args.workloads, WORKLOADS, "workload")

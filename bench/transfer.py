@@ -67,15 +67,8 @@ from typing import Any
 
 from vmigrate.config import HOME_ENV, Inventory, load_inventory
 from vmigrate.lab.disks import thin_raw_image
-from vmigrate.lab.net import (
-    LabSpec,
-    host_netns,
-    lab_down,
-    lab_up,
-    link_bytes,
-    require_root,
-    set_link_rate,
-)
+from vmigrate.lab.links import host_netns, link_bytes, set_link_rate
+from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 
 MiB = 1 << 20
 GiB = 1 << 30

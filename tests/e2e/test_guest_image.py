@@ -19,15 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.lab.image import (
-    GuestImage,
-    Workload,
-    build_image,
-    kernel_cmdline,
-    parse_workload,
-    parse_workloads,
-)
+from vmigrate.lab.image import GuestImage, build_image
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
+from vmigrate.lab.workloads import Workload, kernel_cmdline, parse_workload, parse_workloads
 
 QEMU = "qemu-system-x86_64"
 

@@ -19,7 +19,7 @@ import pytest
 
 from vmigrate.config import load_inventory
 from vmigrate.errors import ConflictError, LabError
-from vmigrate.lab import _sshd, _sys, net
+from vmigrate.lab import _sshd, _sys, links, net
 from vmigrate.lab.net import LabSpec
 
 pytestmark = [
@@ -113,7 +113,7 @@ def test_lab_up_and_down(tmp_path: Path) -> None:
         # namespaces
         for ns in (f"{name}-h1", f"{name}-h2", f"{name}-sw", f"{name}-probe"):
             assert _sys.netns_exists(ns), ns
-        assert net.host_netns(tmp_path, "h2") == f"{name}-h2"
+        assert links.host_netns(tmp_path, "h2") == f"{name}-h2"
 
         # ssh from the controller, host key verified
         assert h1.key is not None and h1.known_hosts is not None
@@ -197,7 +197,7 @@ def test_link_rate_and_cut(net_lab: tuple[Path, str]) -> None:
     h1, h2 = status.hosts
     assert h1.link_rate == "200Mbit"
 
-    net.set_link_rate(home, "h1", "50mbit")
+    links.set_link_rate(home, "h1", "50mbit")
     for dev, ns in ((f"{name}-h1g", f"{name}-h1"), (f"{name}-s1g", f"{name}-sw")):
         line = _sys.qdisc_line(dev, ns)
         assert line is not None and "rate 50Mbit" in line
@@ -205,13 +205,13 @@ def test_link_rate_and_cut(net_lab: tuple[Path, str]) -> None:
     assert net.lab_status(home).hosts[1].link_rate == "200Mbit"
 
     assert ping(f"{name}-h1", h2.migration_address)
-    net.link_down(home, "h1")
+    links.link_down(home, "h1")
     assert not net.lab_status(home).hosts[0].link_up
     assert not ping(f"{name}-h1", h2.migration_address)
     assert not ping(f"{name}-h2", h1.migration_address)
     # management network is unaffected
     assert ping(f"{name}-h1", h2.mgmt_address)
-    net.link_up(home, "h1")
+    links.link_up(home, "h1")
     deadline = time.monotonic() + 5
     while not ping(f"{name}-h1", h2.migration_address):
         assert time.monotonic() < deadline, "migration link did not come back"

@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.conftest import Lab
 from tests.e2e.test_vms import boot_sector_image, qemu_pids, wait_for_console
-from vmigrate.lab.net import link_down, link_up, set_link_rate
+from vmigrate.lab.links import link_down, link_up, set_link_rate
 
 pytestmark = pytest.mark.lab
 
@@ -291,7 +291,8 @@ def test_postcopy_link_cut_recovers(lab: Lab, guest: list[str],
     assert proc.returncode == 0, errs[-3000:] + out
     report = json.loads(out)
     assert report["status"] == "completed"
-    assert report["postcopy"] is True and report["postcopy_recoveries"] >= 1
+    memory = report["memory"]
+    assert memory["postcopy"] is True and memory["postcopy_recoveries"] >= 1
     assert_arrived(report)
     assert report["verification"]["memcheck"] == "ok", report["verification"]
     assert vm_host(lab, "pc1") == "h2"

@@ -34,7 +34,7 @@ from tests.e2e.test_live import (
 from tests.e2e.test_vms import boot_sector_image, wait_for_console
 from vmigrate.hosts import CommandResult, open_host
 from vmigrate.lab.disks import thin_raw_image
-from vmigrate.lab.net import link_down, link_up
+from vmigrate.lab.links import link_down, link_up
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
 
 pytestmark = pytest.mark.lab

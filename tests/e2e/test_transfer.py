@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.conftest import Lab
 from tests.e2e.test_online import sha256
-from vmigrate.lab.net import link_bytes
+from vmigrate.lab.links import link_bytes
 
 MiB = 1 << 20
 VMIGRATE = [sys.executable, "-m", "vmigrate"]

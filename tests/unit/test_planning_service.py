@@ -10,7 +10,8 @@ import pytest
 from vmigrate.config import Inventory
 from vmigrate.errors import UserError
 from vmigrate.plan.assessment import Assessment, DirtyWindow, LinkAssessment
-from vmigrate.plan.policy import BUILTIN, MigrationOptions
+from vmigrate.plan.capabilities import MigrationOptions
+from vmigrate.plan.policy import BUILTIN
 from vmigrate.service.planning import (
     MODEL_VERSION,
     history,
@@ -25,7 +26,9 @@ MiB = 1 << 20
 
 
 def _report(mode: str, total: float, *, model: int = MODEL_VERSION) -> dict[str, Any]:
-    return {"mode": mode, "total_time_s": total, "observed_downtime_ms": 100.0,
+    # a stored report (version 1: no "v"), as whole as the store keeps them
+    return {"job": "j", "vm": "vm1", "source": "h1", "dest": "h2",
+            "mode": mode, "total_time_s": total, "observed_downtime_ms": 100.0,
             "bytes_transferred": 50 * MiB, "disks": [],
             "prediction": {"model": model, "raw": {"total_time_s": 10.0, "downtime_ms": 50.0,
                                                    "wire_bytes": 40 * MiB}}}

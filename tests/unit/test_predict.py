@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmigrate.errors import SpecError
-from vmigrate.migration import cold
-from vmigrate.migration.report import MigrationReport
+from vmigrate.migration import storage as cold
+from vmigrate.migration.report import DiskFigures, MemoryFigures, MigrationReport, load_report
 from vmigrate.plan.assessment import (
     MODES,
     Assessment,
@@ -27,14 +27,9 @@ from vmigrate.plan.assessment import (
     Mode,
     ModePrediction,
 )
-from vmigrate.plan.policy import (
-    BUILTIN,
-    ConvergenceController,
-    MigrationOptions,
-    Policy,
-    Step,
-    plan_setup,
-)
+from vmigrate.plan.capabilities import MigrationOptions, plan_setup
+from vmigrate.plan.convergence import ConvergenceController
+from vmigrate.plan.policy import BUILTIN, Policy, Step
 from vmigrate.plan.predict import (
     DEFAULT_PRIORS,
     FACTOR_MAX,
@@ -541,8 +536,8 @@ def test_calibrate_spread_needs_three() -> None:
 def report(mode_: str, **kw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"job": "j1", "vm": "vm1", "mode": mode_, "source": "src",
                             "dest": "dst", "status": "completed", "total_time_s": 12.5,
-                            "qemu_downtime_ms": 50, "observed_downtime_ms": 80.5,
-                            "bytes_transferred": 10_000}
+                            "observed_downtime_ms": 80.5, "bytes_transferred": 10_000,
+                            "memory": MemoryFigures(qemu_downtime_ms=50)}
     base.update(kw)
     return MigrationReport(**base).model_dump(mode="json")
 
@@ -560,28 +555,32 @@ def test_measured_figures_leave_out_the_checks_after_the_switchover() -> None:
     assert got is not None and got.total_time_s == 8.0
 
 
-def test_measured_figures_online_adds_the_mirrors() -> None:
-    disks = [{"source": "a", "target": "b", "bytes": 5_000}, {"bytes": 2_000}]
-    assert measured_figures(report("online", disks=disks)) == Figures(
-        total_time_s=12.5, downtime_ms=80.5, wire_bytes=17_000)
-    assert measured_figures(report("online", disks=[{"bytes": None}])) is None
-    # the mirror's count includes holes: the disk's own wire estimate wins when given
-    disks = [{"bytes": 512 << 20, "wire_bytes": 128 << 20}]
-    assert measured_figures(report("online", disks=disks)) == Figures(
-        total_time_s=12.5, downtime_ms=80.5, wire_bytes=10_000 + (128 << 20))
-
-
-@pytest.mark.parametrize("mode", ["cold", "warm"])
-def test_measured_figures_cold_warm_count_the_wire_once(mode: str) -> None:
-    disks = [{"target": "b", "data_bytes": 20_000, "wire_bytes": 10_000, "bytes": 20_000}]
-    assert measured_figures(report(mode, disks=disks, qemu_downtime_ms=None)) == Figures(
+@pytest.mark.parametrize("mode", ["online", "cold", "warm"])
+def test_measured_figures_read_one_total_whatever_the_mode(mode: str) -> None:
+    # version 2: bytes_transferred holds the memory stream and every disk already
+    disks = [DiskFigures(source="a", format="raw", virtual_size=1, source_allocated=1,
+                         target="b", target_format="raw", data_bytes=20_000,
+                         wire_bytes=9_000)]
+    assert measured_figures(report(mode, disks=disks, memory=None)) == Figures(
         total_time_s=12.5, downtime_ms=80.5, wire_bytes=10_000)
+
+
+def test_measured_figures_of_version_1_reports_after_loading() -> None:
+    v1 = {"v": 1, "job": "j1", "vm": "vm1", "mode": "online", "source": "s", "dest": "d",
+          "status": "completed", "total_time_s": 12.5, "qemu_downtime_ms": 50,
+          "observed_downtime_ms": None, "bytes_transferred": 10_000,
+          "disks": [{"source": "a", "target": "b", "bytes": 512 << 20,
+                     "wire_bytes": 128 << 20}, {"bytes": 2_000}]}
+    got = measured_figures(load_report(v1).model_dump(mode="json"))
+    # the mirrors join the memory stream; the disk's own wire estimate wins when given
+    assert got == Figures(total_time_s=12.5, downtime_ms=50,
+                          wire_bytes=10_000 + (128 << 20) + 2_000)
 
 
 @pytest.mark.parametrize("change", [
     {"status": "failed"}, {"status": "cancelled"}, {"status": "needs-operator"},
     {"total_time_s": None}, {"bytes_transferred": None},
-    {"observed_downtime_ms": None, "qemu_downtime_ms": None}, {"mode": "teleport"},
+    {"observed_downtime_ms": None, "memory": None}, {"mode": "teleport"},
 ])
 def test_measured_figures_missing(change: dict[str, Any]) -> None:
     assert measured_figures(report("live", **change)) is None

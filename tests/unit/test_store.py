@@ -101,3 +101,38 @@ def test_assessments_accumulate_in_time_order(tmp_path: Path) -> None:
     assert [r["n"] for r in store.list_assessments("a", dest="h2")] == [3]
     assert [r["n"] for r in store.list_assessments("a", since=150.0)] == [2, 3]
     assert len(store.list_assessments()) == 4
+
+
+def test_a_job_waiting_for_an_operator_keeps_its_vm_locked(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.create_job("j1", "vm1", "live", "h1", "h2", {}, state='{"phase": "perform"}')
+    assert store.get_job("j1").state == '{"phase": "perform"}'
+    store.save_state("j1", "finish", '{"phase": "finish"}')
+    job = store.get_job("j1")
+    assert (job.phase, job.state) == ("finish", '{"phase": "finish"}')
+    store.end_job("j1", "needs-operator", error="split")
+    job = store.get_job("j1")
+    assert job.locks_vm and not job.active
+    with pytest.raises(ConflictError):  # nothing else may start for the VM
+        store.create_job("j2", "vm1", "live", "h1", "h2", {})
+    store.reopen_job("j1", 42)  # job recover drives it again
+    job = store.get_job("j1")
+    assert job.active and job.controller_pid == 42
+    store.end_job("j1", "completed")
+    store.create_job("j2", "vm1", "live", "h1", "h2", {})
+
+
+def test_upgrades_version_3_with_a_state_column(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.create_job("old", "vm", "live", "a", "b", {})
+    store.end_job("old", "completed")
+    store.close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("ALTER TABLE jobs DROP COLUMN state")
+    db.execute("UPDATE meta SET value='3' WHERE key='version'")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "db")
+    assert store.get_job("old").state is None  # jobs of older versions keep no state
+    store.create_job("new", "vm", "live", "a", "b", {}, state="{}")
+    assert store.get_job("new").state == "{}"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.cli.migrate import parse_cutover
 from vmigrate.errors import SpecError, TransferIntegrityError, UserError
+from vmigrate.service.migrations import parse_cutover
 from vmigrate.transfer import wire
 from vmigrate.transfer.crypto import AuthError, FrameCipher, available_ciphers, parse_key
 from vmigrate.transfer.disks import Range
@@ -171,3 +171,11 @@ def test_cutover_parsing() -> None:
     assert abs(parse_cutover("+30") - (__import__("time").time() + 30)) < 2
     with pytest.raises(UserError):
         parse_cutover("soon")
+
+
+@pytest.mark.parametrize("text", ["+1e400", "+nan", "+inf", "25:00", "12:60", "1e400",
+                                  "-5", "+1e12", "ab:cd"])
+def test_cutover_refuses_times_that_are_not_times(text: str) -> None:
+    with pytest.raises(UserError):
+        parse_cutover(text)
+    assert parse_cutover("00:00") > 0 and parse_cutover("+0.5") > 0

@@ -1,8 +1,9 @@
-"""Pure helpers of the live-migration engine."""
+"""Pure helpers of the verifiers (generic and the lab guest's)."""
 
 from __future__ import annotations
 
-from vmigrate.migration.live import find_guest_crash, last_memcheck_pass
+from vmigrate.lab.verifiers import last_memcheck_pass
+from vmigrate.migration.verify import find_guest_crash
 
 
 def test_last_memcheck_pass() -> None:
@@ -43,3 +44,10 @@ def test_find_guest_crash_warnings_and_ring_corruption() -> None:
         "WARNING: CPU: 0 PID: 0 at kernel/context_tracking.c:188 x+0x7a")
     line = find_guest_crash("[ 55.26] virtio_net virtio1: output.0:id 1 is not a head!\n")
     assert line is not None and line.endswith("is not a head!")
+
+
+def test_a_fresh_boot_is_expected_after_a_cold_move() -> None:
+    boot = "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists) #1 SMP\n"
+    assert find_guest_crash(boot, boot_is_crash=False) is None
+    assert find_guest_crash(boot + "Kernel panic - not syncing: x\n",
+                            boot_is_crash=False) == "Kernel panic - not syncing: x"

@@ -23,11 +23,11 @@ from vmigrate.lab.image import build_image
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ping
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
-from vmigrate.migration.cold import DiskMoveOptions, WarmMigration
-from vmigrate.migration.live import LiveMigration, Progress
-from vmigrate.migration.online import OnlineMigration, OnlineOptions
-from vmigrate.plan.policy import BUILTIN, MigrationOptions
+from vmigrate.plan.capabilities import MigrationOptions
+from vmigrate.plan.policy import BUILTIN
+from vmigrate.progress import Event, lines
 from vmigrate.service.assess import Assessor
+from vmigrate.service.migrations import MigrationRequest, MigrationService
 from vmigrate.service.planning import make_plan, prediction_record
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
@@ -86,18 +86,19 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
                                "rtt_avg_ms": result.rtt_avg_ms}
         _step(f"assessing {GUEST} and the link h1 -> h2, then predicting every mode")
         opts = MigrationOptions(policy=BUILTIN["balanced"])
-        async with Assessor(inv, store, note=lambda m: err.print(f"   [dim]{m}[/]")) as a:
+        async with Assessor(inv, store,
+                            progress=lines(lambda m: err.print(f"   [dim]{m}[/]"))) as a:
             assessment = await a.assess(GUEST, dest="h2")
         plan = make_plan(inv, store, assessment, opts)
         render_plan(plan, err)
         summary["plan"] = plan.as_dict()
         _step(f"live-migrating {GUEST} h1 -> h2 over {LINK_RATE} TLS links, dirtying memory "
               "faster than the link (policy balanced)")
-        mig = LiveMigration(inv, store, AuditLog(home / "audit.jsonl"), GUEST, "h2", opts,
-                            on_progress=_DemoProgress())
-        if plan.predictions["live"].feasible:
-            mig.report.prediction = prediction_record(plan, "live", chosen_by="operator")
-        report = await mig.run()
+        prediction = (prediction_record(plan, "live", chosen_by="operator")
+                      if plan.predictions["live"].feasible else None)
+        report = await _service(inv, store, home).migrate(
+            MigrationRequest(vm=GUEST, dest="h2", mode="live", policy="balanced"),
+            prediction=prediction)
         summary["migration"] = report.model_dump(mode="json")
         _step(f"destroying {GUEST}")
         await svc.destroy(GUEST)
@@ -128,10 +129,8 @@ async def _online(inv: Inventory, store: Store, svc: VmService, home: Path,
     await _start_disk_guest(inv, svc, DISK_GUEST, "256M")
     _step(f"online-migrating {DISK_GUEST} h1 -> h2: disk copied over NBD (TLS) into h2's "
           "local pool, then memory")
-    mig = OnlineMigration(inv, store, AuditLog(home / "audit.jsonl"), DISK_GUEST, "h2",
-                          MigrationOptions(policy=BUILTIN["balanced"]),
-                          on_progress=_DemoProgress(), online=OnlineOptions())
-    report = await mig.run()
+    report = await _service(inv, store, home).migrate(
+        MigrationRequest(vm=DISK_GUEST, dest="h2", mode="online", policy="balanced"))
     data = report.model_dump(mode="json")
     summary["online"] = data
     if report.status == "completed":
@@ -153,27 +152,28 @@ async def _warm(inv: Inventory, store: Store, svc: VmService, home: Path,
     await _start_disk_guest(inv, svc, WARM_GUEST, "128M")
     _step(f"warm-migrating {WARM_GUEST} h1 -> h2: base copy and incremental rounds while it "
           "runs (encrypted, verified), then it stops for the last delta only")
-    mig = WarmMigration(inv, store, AuditLog(home / "audit.jsonl"), WARM_GUEST, "h2",
-                        MigrationOptions(policy=BUILTIN["balanced"]),
-                        on_progress=_DemoProgress(), online=OnlineOptions(),
-                        disk_opts=DiskMoveOptions(shutdown_timeout=20))
-    report = await mig.run()
+    report = await _service(inv, store, home).migrate(
+        MigrationRequest(vm=WARM_GUEST, dest="h2", mode="warm", shutdown_timeout=20))
     summary["warm"] = report.model_dump(mode="json")
     _step(f"destroying {WARM_GUEST}")
     await svc.destroy(WARM_GUEST)
 
 
+def _service(inv: Inventory, store: Store, home: Path) -> MigrationService:
+    """The service every vmigrate migrate uses, showing one line per phase and step."""
+    return MigrationService(inv, store, AuditLog(home / "audit.jsonl"),
+                            progress=_DemoProgress())
+
+
 class _DemoProgress:
-    """One line per phase and per policy step."""
+    """One line per phase, policy step and note."""
 
     def __init__(self) -> None:
         self.last = ""
 
-    def __call__(self, p: Progress) -> None:
-        line = p.note or (f"{p.phase}: {p.step}" if p.step else p.phase)
-        if p.sample is not None and not p.step:
-            return
-        if line != self.last:
+    def __call__(self, ev: Event) -> None:
+        line = ev.message or (f"{ev.phase}: {ev.step}" if ev.step else "")
+        if line and line != self.last:
             err.print(f"   [dim]{line}[/]", highlight=False)
             self.last = line
 
@@ -182,7 +182,7 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
     """Build a lab, run a guest in it, print a summary, tear everything down."""
     require_root()
     _step("building the lab guest image (cached after the first run)")
-    build_image(progress=lambda m: err.print(f"   [dim]{m}[/]"))
+    build_image(progress=lines(lambda m: err.print(f"   [dim]{m}[/]")))
     home = Path(tempfile.mkdtemp(prefix="vmigrate-demo-"))
     old_home = os.environ.get(HOME_ENV)
     os.environ[HOME_ENV] = str(home)
@@ -192,7 +192,7 @@ def run_demo(*, keep: bool = False, as_json: bool = False) -> None:
     try:
         _step(f"bringing up lab {name}: 2 hosts, {LINK_RATE} migration links")
         inv = lab_up(LabSpec(name=name, hosts=2, link_rate=LINK_RATE), home,
-                     progress=lambda m: err.print(f"   [dim]{m}[/]"))
+                     progress=lines(lambda m: err.print(f"   [dim]{m}[/]")))
         summary["hosts"] = {h.name: {"ssh": h.address, "migration": h.migration_address}
                             for h in inv.hosts.values()}
         run(_guest(home, summary))

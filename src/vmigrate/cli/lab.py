@@ -10,6 +10,7 @@ from rich.table import Table
 
 from vmigrate.cli._common import err, out, print_json
 from vmigrate.config import state_home
+from vmigrate.progress import lines
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -19,8 +20,11 @@ app = typer.Typer(
 )
 
 
-def _progress(msg: str) -> None:
+def _say(msg: str) -> None:
     err.print(f"[dim]· {msg}[/]")
+
+
+_progress = lines(_say)
 
 
 @app.command()

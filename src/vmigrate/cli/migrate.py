@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
@@ -10,28 +9,20 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from vmigrate.audit.log import AuditLog
-from vmigrate.cli._common import CTX, err, out, print_json, run
-from vmigrate.config import Inventory, state_home
-from vmigrate.errors import ConflictError, UserError
-from vmigrate.migration import live
-from vmigrate.migration.cold import ColdMigration, DiskMoveOptions, WarmMigration
-from vmigrate.migration.online import OnlineMigration, OnlineOptions
-from vmigrate.migration.recover import Recovery, controller_alive, recover
-from vmigrate.plan.policy import (
-    MigrationOptions,
-    load_policies,
-    parse_bandwidth,
-    resolve_policy,
-)
+from vmigrate.cli._common import CTX, err, out, print_json, run, survive_terminal
+from vmigrate.config import state_home
+from vmigrate.errors import ConflictError
+from vmigrate.migration.report import MigrationReport, load_report
 from vmigrate.plan.predict import measured_figures
-from vmigrate.service.assess import AssessOptions
-from vmigrate.service.planning import (
-    DEFAULT_MAX_AGE_S,
-    latest_assessment,
-    make_plan,
-    prediction_record,
+from vmigrate.progress import Event
+from vmigrate.service.migrations import (
+    MODE_CHOICES,
+    MigrationRequest,
+    MigrationService,
+    controller_alive,
 )
-from vmigrate.store import JobRecord, Store
+from vmigrate.service.planning import DEFAULT_MAX_AGE_S
+from vmigrate.store import JobRecord
 
 job_app = typer.Typer(
     rich_markup_mode=None,
@@ -44,16 +35,15 @@ def _audit() -> AuditLog:
     return AuditLog(state_home() / "audit.jsonl")
 
 
-def _mib(n: int | None) -> str:
+def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
 class _Display:
-    """Live progress on a terminal; one line per phase and policy step otherwise."""
+    """Live progress on a terminal; one line per phase, step and note otherwise."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.live = enabled and err.is_terminal
+    def __init__(self) -> None:
+        self.live = err.is_terminal
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self._last = ""
@@ -61,155 +51,112 @@ class _Display:
     def __enter__(self) -> _Display:
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]{task.fields[phase]:<8}"),
-                BarColumn(),
-                TextColumn("{task.fields[disk]}"),
-                TextColumn("{task.fields[moved]}"),
-                TextColumn("{task.fields[rate]}"),
-                TextColumn("{task.fields[dirty]}"),
-                TextColumn("it {task.fields[iteration]}"),
-                TimeElapsedColumn(),
-                TextColumn("[cyan]{task.fields[step]}"),
-                console=err,
-                transient=True,
-            )
+                TextColumn("[bold]{task.fields[phase]:<8}"), BarColumn(),
+                TextColumn("{task.fields[moved]}"), TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[dirty]}"), TimeElapsedColumn(),
+                TextColumn("[cyan]{task.fields[step]}"), console=err, transient=True)
             self.progress.__enter__()
             self.task = self.progress.add_task("migrate", total=None, phase="begin", moved="",
-                                               rate="", dirty="", iteration="-", step="",
-                                               disk="")
+                                               rate="", dirty="", step="")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.__exit__(None, None, None)
 
-    def __call__(self, p: live.Progress) -> None:
-        if not self.enabled:
-            return
+    def __call__(self, ev: Event) -> None:
+        f = ev.figures
         if self.progress is not None and self.task is not None:
-            fields: dict[str, Any] = {"phase": p.phase}
-            if p.disk is not None:
-                fields["disk"] = f"disks {_mib(p.disk[0])} / {_mib(p.disk[1])}"
-                if p.sample is None:
-                    self.progress.update(self.task, total=p.disk[1] or None,
-                                         completed=p.disk[0])
-            if p.sample is not None:
-                s = p.sample
-                total = s.transferred + s.remaining
-                fields.update(
-                    moved=f"{_mib(s.transferred)} sent, {_mib(s.remaining)} left",
-                    rate=f"{s.mbps:,.0f} Mbit/s",
-                    dirty=f"dirty {s.dirty_rate * s.page_size / 2**20:,.1f} MiB/s",
-                    iteration=str(s.iteration),
-                )
-                self.progress.update(self.task, total=total or None, completed=s.transferred)
-            if p.step or p.note:
-                fields["step"] = p.note or p.step
+            fields: dict[str, Any] = {}
+            if ev.phase:
+                fields["phase"] = ev.phase
+            if ev.done is not None:
+                fields["moved"] = (f"{_mib(ev.done)} / {_mib(ev.total)}" if ev.total
+                                   else _mib(ev.done))
+                self.progress.update(self.task, total=ev.total or None, completed=ev.done)
+            if "mbps" in f:
+                fields["rate"] = f"{f['mbps']:,.0f} Mbit/s"
+            if "dirty_bytes_rate" in f:
+                fields["dirty"] = f"dirty {f['dirty_bytes_rate'] / 2**20:,.1f} MiB/s"
+            if ev.step:
+                fields["step"] = ev.step
             self.progress.update(self.task, **fields)
-            if p.note:
-                self.progress.console.print(f"  {p.note}")
+            if ev.message and ev.message != ev.phase:
+                self.progress.console.print(f"  {ev.message}", highlight=False)
             return
-        line = p.note or (f"{p.phase}: {p.step}" if p.step else p.phase)
-        if p.disk is not None and p.disk[1]:  # one line per 10 % of the disk copy
-            line += f" ({10 * (10 * p.disk[0] // p.disk[1])} % of {_mib(p.disk[1])})"
-        if line != self._last:
+        line = ev.message or (f"{ev.phase}: {ev.step}" if ev.step else ev.phase or "")
+        if ev.done is not None and ev.total and not f:  # a disk copy: one line per 10 %
+            line = f"{ev.step or ev.phase}: {10 * (10 * ev.done // ev.total)} % of " \
+                   f"{_mib(ev.total)}"
+        if line and line != self._last:
             err.print(f"  {line}", highlight=False)
             self._last = line
 
 
-def render_report(r: dict[str, Any]) -> None:
-    colour = {"completed": "green", "needs-operator": "yellow"}.get(r["status"], "red")
-    table = Table(title=f"migration {r['job']}", show_header=False)
+def render_report(data: dict[str, Any]) -> None:
+    """The report as a table: the same rows for every mode, filled from what moved."""
+    r = load_report(data)
+    colour = {"completed": "green", "needs-operator": "yellow"}.get(r.status, "red")
+    table = Table(title=f"migration {r.job}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", f"[{colour}]{r['status']}[/]" + (
-        f" ({r['error']})" if r.get("error") else ""))
-    disk_mode = r["mode"] in ("cold", "warm")  # no memory migration: disks on our engine
-    table.add_row("vm", f"{r['vm']}: {r['source']} -> {r['dest']} ({r['mode']}, " + (
-        "AES-256-GCM stream)" if disk_mode else f"{'TLS' if r['tls'] else 'no TLS'})"))
-    if not disk_mode:
-        table.add_row("policy", r.get("policy_description") or r["policy"])
-    for step in r.get("steps", []):
-        table.add_row("", f"t={step['t']}s it={step['iteration']}: {step['action']} "
-                      f"({step['detail']})")
-    table.add_row("total time", f"{r.get('total_time_s')} s" + (
-        f" (of which {r['checks_s']} s checking the guest on {r['dest']})"
-        if r.get("checks_s") else ""))
-    obs = r.get("observed_downtime_ms")
-    if disk_mode:
-        table.add_row("downtime (observed)", "-" if obs is None else
-                      f"{obs:.1f} ms (guest stop -> answering on {r['dest']})")
-        table.add_row("transferred", _mib(r.get("bytes_transferred")) + " on the wire")
-        for d in r.get("disks", []):
-            table.add_row("disk", f"{d['source']} ({d['format']}) -> {d['target']} "
-                          f"({d['target_format']}): {_mib(d.get('data_bytes'))} data, "
-                          f"{_mib(d.get('wire_bytes'))} on the wire, "
-                          f"{_mib(d.get('resent_bytes'))} resent, in {d.get('transfer_s')} s; "
-                          f"verified {d.get('verified')}"
-                          + (", source deleted" if d.get("source_deleted") else ""))
-    else:
-        table.add_row("downtime (QEMU)", f"{r.get('qemu_downtime_ms')} ms")
-        table.add_row("downtime (observed)",
-                      "-" if obs is None else f"{obs:.1f} ms (1 ms ping)")
-        table.add_row("transferred / RAM", f"{_mib(r.get('bytes_transferred'))} / "
-                      f"{_mib(r.get('ram_bytes'))}")
-        table.add_row("iterations", str(r.get("iterations")))
-    for d in ([] if disk_mode else r.get("disks", [])):
-        table.add_row("disk", f"{d['source']} ({d['format']}) -> {d['target']} "
-                      f"({d['target_format']}): {_mib(d.get('bytes'))} in {d.get('ready_s')} s "
-                      f"to ready ({d.get('mirror_mbps')} Mbit/s), handover "
-                      f"{d.get('handover_s')} s"
-                      + (", source deleted" if d.get("source_deleted") else ""))
-    if not disk_mode:
-        table.add_row("max throttle", f"{r.get('max_throttle_pct', 0)} %")
-    if r.get("postcopy"):
-        table.add_row("post-copy", f"{r.get('postcopy_time_s')} s, "
-                      f"{r.get('postcopy_recoveries', 0)} recoveries")
+    table.add_row("status", f"[{colour}]{r.status}[/]" + (f" ({r.error})" if r.error else ""))
+    strategies = f"{r.memory_strategy} + {r.storage_strategy}" if r.memory_strategy else r.mode
+    table.add_row("vm", f"{r.vm}: {r.source} -> {r.dest} ({r.mode}: {strategies}, streams "
+                  f"{r.stream_security})")
+    m = r.memory
+    if m is not None:
+        table.add_row("policy", m.policy_description or m.policy)
+    for step in r.steps:
+        table.add_row("", f"t={step.t}s it={step.iteration}: {step.action} ({step.detail})")
+    table.add_row("total time", f"{r.total_time_s} s" + (
+        f" (of which {r.checks_s} s checking the guest on {r.dest})" if r.checks_s else ""))
+    if m is not None:
+        table.add_row("downtime (QEMU)", f"{m.qemu_downtime_ms} ms")
+    obs = r.observed_downtime_ms
+    how = "1 ms ping" if r.probe else "guest stop -> running" if m is None else "-"
+    table.add_row("downtime (observed)", "-" if obs is None else f"{obs:.1f} ms ({how})")
+    if r.answer_after_switch_ms is not None or r.announced:
+        table.add_row("after the switch", (
+            f"answered {r.answer_after_switch_ms:.0f} ms after it ran on {r.dest}"
+            if r.answer_after_switch_ms is not None else "no answer measured")
+            + ("; NICs announced" if r.announced else ""))
+    table.add_row("on the wire", _mib(r.bytes_transferred) + (
+        f" (memory {_mib(m.bytes)} of {_mib(m.ram_bytes)} RAM)" if m is not None else ""))
+    if m is not None:
+        table.add_row("iterations", f"{m.iterations}, max throttle {m.max_throttle_pct} %")
+        if m.postcopy:
+            table.add_row("post-copy", f"{m.postcopy_time_s} s, {m.postcopy_recoveries} "
+                          "recoveries")
+    for d in r.disks:
+        table.add_row("disk", f"{d.source} ({d.format}) -> {d.target} ({d.target_format}): "
+                      f"{_mib(d.data_bytes)} data, {_mib(d.wire_bytes)} on the wire, "
+                      f"{_mib(d.resent_bytes)} resent, in {d.seconds} s"
+                      + (f" ({d.mbps} Mbit/s)" if d.mbps else "")
+                      + (f", handover {d.handover_s} s" if d.handover_s is not None else "")
+                      + f"; verified {d.verified}"
+                      + (", source deleted" if d.source_deleted else ""))
     _prediction_rows(table, r)
-    v = r.get("verification", {})
-    checks = ", ".join(f"{k}={val}" for k, val in v.items() if val is not None
-                       and k != "memcheck_line")
-    table.add_row("verification", checks or "-")
-    for e in r.get("cleanup_errors", []):
+    for c in r.checks:
+        mark = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "[yellow]unknown[/]"}
+        table.add_row(f"check {c.name}", f"{mark[c.ok]} {c.detail}")
+    for note in r.notes:
+        table.add_row("note", note)
+    for e in r.cleanup_errors:
         table.add_row("[red]cleanup error[/]", e)
     out.print(table)
-
-
-def _predicted(inv: Inventory, store: Store, name: str, to: str, mode: str,
-               opts: MigrationOptions, max_age: float, shutdown_timeout: float
-               ) -> tuple[str, dict[str, Any] | None]:
-    """The mode to run and the prediction the report keeps. ``auto`` assesses (or
-    reuses a young assessment) and takes the decision matrix's choice; an explicit
-    mode is predicted only from an assessment already stored (no delay)."""
-    from vmigrate.cli.plan import plans_for, render_plan
-
-    if mode == "auto":
-        vp = run(plans_for(inv, store, [name], to, opts, max_age, AssessOptions(),
-                           shutdown_timeout))[0]
-        render_plan(vp, err)
-        if vp.decision.chosen is None:
-            raise ConflictError(f"no usable migration mode for {name}: "
-                             + " ".join(vp.decision.explanation))
-        return vp.decision.chosen, prediction_record(vp, vp.decision.chosen, chosen_by="auto")
-    a = latest_assessment(store, name, to, max_age=max_age)
-    if a is None:
-        return mode, None
-    vp = make_plan(inv, store, a, opts, shutdown_timeout=shutdown_timeout)
-    if not vp.predictions[mode].feasible:  # type: ignore[index]
-        return mode, None
-    return mode, prediction_record(vp, mode, chosen_by="operator")  # type: ignore[arg-type]
 
 
 def _pct(pred: float, measured: float) -> str:
     return "" if not measured else f", {100 * (pred - measured) / measured:+.0f} %"
 
 
-def _prediction_rows(table: Table, r: dict[str, Any]) -> None:
-    pred = r.get("prediction")
+def _prediction_rows(table: Table, r: MigrationReport) -> None:
+    pred = r.prediction
     if not pred:
         return
     f = pred["figures"]
-    m = measured_figures(r)
+    m = measured_figures(r.model_dump(mode="json"))
     how = "chosen by the plan" if pred.get("chosen_by") == "auto" else "predicted"
     unc = f" ±{pred['uncertainty']:.0%}" if pred.get("uncertainty") is not None else ""
     table.add_row("predicted", f"{pred['mode']} ({how}{unc}"
@@ -223,24 +170,6 @@ def _prediction_rows(table: Table, r: dict[str, Any]) -> None:
             f", measured {got:,.1f} {unit}{_pct(p, got)}" if got is not None else ""))
     for line in pred.get("explanation") or []:
         table.add_row("", line)
-
-
-def parse_cutover(text: str) -> float:
-    """``HH:MM`` (today, local time), ``+SECONDS`` or epoch seconds -> epoch seconds."""
-    import datetime as dt
-    t = text.strip()
-    try:
-        if t.startswith("+"):
-            return time.time() + float(t[1:])
-        if ":" in t:
-            hh, mm = t.split(":", 1)
-            when = dt.datetime.now().replace(hour=int(hh), minute=int(mm), second=0,
-                                             microsecond=0)
-            return when.timestamp()
-        return float(t)
-    except ValueError:
-        raise UserError(f"invalid --cutover {text!r}: use HH:MM, +SECONDS or an epoch "
-                        "time") from None
 
 
 def migrate(
@@ -265,11 +194,11 @@ def migrate(
         help="warm: when to cut over: HH:MM (today, local time), +SECONDS, or an epoch "
         "time. Rounds go on until then. Default: as soon as a round is small.")] = None,
     target_storage: Annotated[str | None, typer.Option(
-        help="online/cold/warm: the destination pool the disks go to (inventory [hosts.X.pools]); "
-        "default: local.")] = None,
+        help="online/cold/warm: the destination pool the disks go to (inventory "
+        "[hosts.X.pools]); default: local.")] = None,
     target_format: Annotated[str | None, typer.Option(
-        help="online/cold/warm: raw or qcow2 for the copies (default: each disk's own format).")
-    ] = None,
+        help="online/cold/warm: raw or qcow2 for the copies (default: each disk's own "
+        "format).")] = None,
     delete_source: Annotated[bool, typer.Option(
         "--delete-source", help="online/cold/warm: delete the source images once the VM "
         "runs on the destination (kept by default).")] = False,
@@ -294,70 +223,61 @@ def migrate(
         "route younger than this many seconds.")] = DEFAULT_MAX_AGE_S,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Move a running VM to another host and print the migration report.
+    """Move a VM to another host and print the migration report.
+
+    Every mode runs the same five phases (begin, prepare, perform, finish, confirm).
+    Until the guest runs on the destination (the point of no return) a failure or a
+    cancel (Ctrl-C, 'vmigrate job cancel') rolls back: the source runs on and the
+    destination is left clean. After it, the migration only finishes forward.
+
+    The controller survives its terminal: if the SSH session drops or the output pipe
+    closes, the migration goes on and its report is stored ('vmigrate job show').
 
     Exit status 0 when the migration completed, 1 when it failed or was cancelled
-    (the source runs on and the destination is clean), 4 when it needs an operator,
-    5 when the VM moved but the checks after the switchover failed (the guest
-    crashed or rebooted on the destination, or the lab guest's memory check failed).
+    (rolled back), 4 when it needs an operator (nothing was destroyed, the VM stays
+    locked: see 'vmigrate job show' and 'vmigrate job recover'), 5 when the VM moved
+    but the checks after the switchover failed (it needs an operator too).
     """
-    if mode not in ("live", "online", "cold", "warm", "auto"):
-        raise UserError(f"unknown --mode {mode!r}: use auto, live, online, cold or warm")
-    if mode == "live" and (target_storage or target_format or delete_source):
-        raise UserError("--target-storage, --target-format and --delete-source need "
-                        "--mode online, cold or warm")
-    if cutover is not None and mode not in ("warm", "auto"):
-        raise UserError("--cutover needs --mode warm (or auto, if it picks warm)")
-    cutover_at = parse_cutover(cutover) if cutover is not None else None
-    if target_format not in (None, "raw", "qcow2"):
-        raise UserError(f"unknown --target-format {target_format!r}: use raw or qcow2")
-    if compress not in (None, "zstd", "xbzrle"):
-        raise UserError(f"unknown --compress {compress!r}: use zstd or xbzrle")
-    inv = CTX.inventory()
-    pol = resolve_policy(policy, load_policies(inv.policies))
-    if timeout is not None:
-        pol = pol.model_copy(update={"timeout_s": timeout})
-    opts = MigrationOptions(
-        policy=pol, downtime_ms=downtime_ms,
-        bandwidth=parse_bandwidth(bandwidth) if bandwidth else None,
-        parallel=parallel, compress=compress,  # type: ignore[arg-type]
-        tls=tls,
-    )
-    store = CTX.store()
-    mode, prediction = _predicted(inv, store, name, to, mode, opts, max_age, shutdown_timeout)
-    with _Display(enabled=True) as display:
-        storage = OnlineOptions(target_storage, target_format,  # type: ignore[arg-type]
-                                delete_source)
-        if mode in ("cold", "warm"):
-            cls = ColdMigration if mode == "cold" else WarmMigration
-            job: live.LiveMigration = cls(
-                inv, store, _audit(), name, to, opts, on_progress=display, online=storage,
-                disk_opts=DiskMoveOptions(
-                    shutdown_timeout=shutdown_timeout, force=force,
-                    bandwidth=float(opts.bandwidth) if opts.bandwidth else None,
-                    cutover_at=cutover_at))
-        elif mode == "online":
-            job = OnlineMigration(inv, store, _audit(), name, to, opts,
-                                  on_progress=display, online=storage)
-        else:
-            job = live.LiveMigration(inv, store, _audit(), name, to, opts,
-                                     on_progress=display)
-        job.report.prediction = prediction
-        err.print(f"job {job.job_id}: {name} {job.report.source} -> {to} ({mode}, "
-                  f"policy {pol.name})", highlight=False)
-        report = run(job.run())
+    if mode not in MODE_CHOICES:
+        raise typer.BadParameter(f"use one of {', '.join(MODE_CHOICES)}", param_hint="--mode")
+    survive_terminal()
+    req = MigrationRequest(
+        vm=name, dest=to, mode=mode, policy=policy, downtime_ms=downtime_ms,
+        bandwidth=bandwidth, parallel=parallel, compress=compress, timeout=timeout, tls=tls,
+        target_storage=target_storage, target_format=target_format,
+        delete_source=delete_source, shutdown_timeout=shutdown_timeout, force=force,
+        cutover=cutover)
+    with _Display() as display:
+        service = MigrationService(CTX.inventory(), CTX.store(), _audit(), progress=display)
+
+        async def go() -> MigrationReport:
+            chosen, prediction, plan = await service.choose(req, max_age=max_age)
+            if mode == "auto" and plan is not None:
+                from vmigrate.cli.plan import render_plan
+                render_plan(plan, err)
+
+            def started(job_id: str) -> None:
+                err.print(f"job {job_id}: {name} -> {to} ({chosen}, policy {policy})",
+                          highlight=False)
+
+            return await service.migrate(req, mode=chosen, prediction=prediction,
+                                         on_job=started)
+
+        report = run(go())
     data = report.model_dump(mode="json")
     if as_json:
         print_json(data)
     else:
         render_report(data)
+    if report.status == "needs-operator":
+        if report.verification.failed:
+            v = report.verification
+            err.print(f"error: {name} runs on {to} but did not arrive intact: "
+                      f"{v.memcheck_line or v.guest_crash or report.error}", highlight=False)
+            raise typer.Exit(5)
+        raise typer.Exit(4)
     if report.status != "completed":
-        raise typer.Exit(4 if report.status == "needs-operator" else 1)
-    if report.verification.failed:
-        err.print(f"error: {name} now runs on {to} but did not arrive intact: "
-                  f"{report.verification.memcheck_line or report.verification.guest_crash}",
-                  highlight=False)
-        raise typer.Exit(5)
+        raise typer.Exit(1)
 
 
 def _job_row(j: JobRecord) -> dict[str, Any]:
@@ -368,11 +288,13 @@ def _job_row(j: JobRecord) -> dict[str, Any]:
 
 @job_app.command("list")
 def job_list(
-    active: Annotated[bool, typer.Option("--active", help="Only running jobs.")] = False,
+    active: Annotated[bool, typer.Option(
+        "--active", help="Only jobs that lock their VM (running, or waiting for an "
+        "operator).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List migration jobs, oldest first."""
-    jobs = CTX.store().list_jobs(active=True if active else None)
+    jobs = [j for j in CTX.store().list_jobs() if j.locks_vm or not active]
     if as_json:
         print_json([_job_row(j) for j in jobs])
         return
@@ -388,13 +310,17 @@ def job_show(
     job_id: Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show a job and its migration report."""
+    """Show a job and its migration report (reports of older versions are shown in
+    today's shape)."""
     j = CTX.store().get_job(job_id)
+    report = (load_report({**j.report, "status": j.status, "error": j.error})
+              if j.report else None)
     if as_json:
-        print_json({**_job_row(j), "report": j.report})
+        print_json({**_job_row(j), "report": report.model_dump(mode="json")
+                    if report else None})
         return
-    if j.report:
-        render_report({**j.report, "status": j.status, "error": j.error})
+    if report is not None:
+        render_report(report.model_dump(mode="json"))
     else:
         print_json(_job_row(j))
 
@@ -403,8 +329,10 @@ def job_show(
 def job_cancel(
     job_id: Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).")],
 ) -> None:
-    """Ask a running job to cancel. Before the switchover it rolls back: the source
-    runs on and the destination is cleaned."""
+    """Ask a running job to cancel. Before the point of no return (the guest running
+    on the destination) it rolls back: the source runs on and the destination is
+    cleaned. After it, the migration finishes forward and the report says the cancel
+    came too late."""
     j = CTX.store().request_cancel(job_id)
     out.print(f"cancel requested for job {j.id} ({j.vm}, phase {j.phase})")
 
@@ -412,25 +340,33 @@ def job_cancel(
 @job_app.command("recover")
 def job_recover(
     job_id: Annotated[str | None, typer.Argument(
-        help="Job to recover (default: every running job whose controller died).")] = None,
+        help="Job to recover (default: every running job whose controller died, and every "
+        "job waiting for an operator).")] = None,
     force: Annotated[bool, typer.Option(help="Even if its controller seems alive.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Resolve jobs left behind by a controller that died, from their saved phase."""
-    store, inv, audit = CTX.store(), CTX.inventory(), _audit()
+    """Settle jobs whose controller died, or that wait for an operator, from the state
+    saved with the job and what the hosts say now: finish forward what passed the
+    point of no return, roll back what did not, and leave for an operator (with
+    nothing destroyed) what the hosts do not tell. A job that cannot be loaded is
+    named and skipped. Exit status 1 if any job was skipped."""
+    store = CTX.store()
+    service = MigrationService(CTX.inventory(), store, _audit())
     if job_id is not None:
-        jobs = [store.get_job(job_id)]
+        job = store.get_job(job_id)
+        if not job.locks_vm:
+            raise ConflictError(f"job {job.id} is {job.status}: nothing to recover")
+        jobs = [job]
     else:
-        jobs = [j for j in store.list_jobs(active=True) if not controller_alive(j)]
-
-    async def go() -> list[Recovery]:
-        return [await recover(inv, store, audit, j, force=force) for j in jobs]
-
-    done = run(go())
+        jobs = service.recoverable()
+    done = run(service.recover(jobs, force=force))
     if as_json:
-        print_json([r.__dict__ for r in done])
-        return
-    if not done:
-        out.print("no abandoned jobs")
-    for r in done:
-        out.print(f"job {r.job} ({r.vm}, phase {r.phase}): {r.outcome}: {r.detail}")
+        print_json([r.as_dict() for r in done])
+    else:
+        if not done:
+            out.print("no abandoned jobs")
+        for r in done:
+            out.print(f"job {r.job} ({r.vm}, phase {r.phase}): {r.outcome}: {r.detail}",
+                      highlight=False)
+    if any(r.outcome == "skipped" for r in done):
+        raise typer.Exit(1)

@@ -14,8 +14,10 @@ from vmigrate.cli._common import CTX, err, out, print_json, run
 from vmigrate.config import Inventory
 from vmigrate.errors import UserError
 from vmigrate.plan.assessment import Assessment, DirtyWindow
-from vmigrate.plan.policy import MigrationOptions, load_policies, parse_bandwidth, resolve_policy
+from vmigrate.plan.capabilities import MigrationOptions
+from vmigrate.plan.policy import load_policies, parse_bandwidth, resolve_policy
 from vmigrate.plan.window import WindowAdvice, best_window
+from vmigrate.progress import lines
 from vmigrate.service.assess import AssessOptions, Assessor
 from vmigrate.service.planning import (
     DEFAULT_MAX_AGE_S,
@@ -115,7 +117,7 @@ def assess(
     inv, store = CTX.inventory(), CTX.store()
 
     async def go() -> list[Assessment]:
-        async with Assessor(inv, store, note=_note) as assessor:
+        async with Assessor(inv, store, progress=lines(_note)) as assessor:
             return [await assessor.assess(n, dest=to, opts=opts) for n in names]
 
     done = run(go())
@@ -165,7 +167,7 @@ async def plans_for(inv: Inventory, store: Store, names: list[str], to: str,
                  shutdown_timeout: float) -> list[VmPlan]:
     config = planning_config(inv)  # a bad [planning] fails before any measuring
     plans = []
-    async with Assessor(inv, store, note=_note) as assessor:
+    async with Assessor(inv, store, progress=lines(_note)) as assessor:
         for name in names:
             a = latest_assessment(store, name, to, max_age=max_age)
             if a is None:

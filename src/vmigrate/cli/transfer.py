@@ -27,6 +27,7 @@ from vmigrate.cli.transfer_ends import (
     _options,
 )
 from vmigrate.errors import UserError
+from vmigrate.progress import Event
 from vmigrate.transfer.engine import CHUNK_SIZE
 from vmigrate.transfer.remote import Outcome, Place, copy, parse_place
 
@@ -58,15 +59,15 @@ class _Bar:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
 
-    def __call__(self, ev: dict[str, Any]) -> None:
+    def __call__(self, ev: Event) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, total=ev.get("total"), completed=ev.get("done", 0))
+            self.bar.update(self.task, total=ev.total, completed=ev.done or 0)
         elif self.enabled and time.monotonic() - self._last >= 5:
             self._last = time.monotonic()
-            total = ev.get("total") or 0
-            pct = 100 * (ev.get("done") or 0) / total if total else 0
+            total = ev.total or 0
+            pct = 100 * (ev.done or 0) / total if total else 0
             err.print(f"{self.label}: {pct:5.1f}% of {_mib(total)}, "
-                      f"{_mib(ev.get('wire_bytes'))} on the wire")
+                      f"{_mib(ev.figures.get('wire_bytes'))} on the wire")
 
 
 def render(o: Outcome) -> None:

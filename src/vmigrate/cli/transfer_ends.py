@@ -10,11 +10,11 @@ from typing import Annotated
 
 import typer
 
-from vmigrate.errors import UserError, VmigrateError
-from vmigrate.lab._plan import parse_rate
+from vmigrate.errors import SpecError, UserError, VmigrateError
 from vmigrate.transfer import agent
 from vmigrate.transfer.crypto import CIPHERS
 from vmigrate.transfer.engine import CHUNK_SIZE, SendOptions
+from vmigrate.units import parse_tc_rate
 
 app = typer.Typer(
     rich_markup_mode=None, no_args_is_help=True,
@@ -25,7 +25,13 @@ app = typer.Typer(
 FormatOpt = Annotated[str, typer.Option("--target-format", help="raw or qcow2.")]
 
 def _bandwidth(text: str | None) -> float | None:
-    return parse_rate(text) / 8 if text else None
+    """``--bandwidth`` (tc rate syntax, at least 8kbit) in bytes/s; None: no cap."""
+    if not text:
+        return None
+    rate = parse_tc_rate(text, what="bandwidth")
+    if rate < 1000:
+        raise SpecError(f"invalid bandwidth {text!r}: at least 8kbit")
+    return rate
 
 
 def _options(target_format: str, chunk_size: int, cipher: str, compress: str, verify: str,

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vmigrate import units
 from vmigrate.errors import LabError, SpecError
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
@@ -37,9 +38,8 @@ MAX_INDEX = 200
 IFNAMSIZ = 15
 VM_BRIDGE = "brvm"
 
-_RATE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?i?)(bit|bps)", re.IGNORECASE)
-_PREFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+#: the slowest link the lab shapes, bits/s
+MIN_RATE_BITS = 8000
 
 
 def validate_name(name: str) -> str:
@@ -60,18 +60,13 @@ def validate_hosts(hosts: int) -> int:
 
 
 def parse_rate(rate: str) -> int:
-    """A ``tc`` rate (``200mbit``, ``1gbit``, ``10MBps``) in bits per second.
+    """A ``tc`` rate (``200mbit``, ``1gbit``, ``10MBps``) in bits per second
+    (:func:`vmigrate.units.parse_tc_rate`), at least 8kbit.
 
     Raises :class:`SpecError` for anything else (a bare number is refused: its
     unit is ambiguous)."""
-    match = _RATE_RE.fullmatch(rate.strip()) if isinstance(rate, str) else None
-    if match is None:
-        raise SpecError(
-            f"invalid link rate {rate!r}: use tc rate syntax such as 100mbit, 1gbit, 50MBps"
-        )
-    number, prefix, unit = match.groups()
-    bits = float(number) * _PREFIX[prefix.lower()] * (8 if unit.lower() == "bps" else 1)
-    if bits < 8000:
+    bits = units.parse_tc_rate(rate, what="link rate") * 8
+    if bits < MIN_RATE_BITS:
         raise SpecError(f"invalid link rate {rate!r}: at least 8kbit")
     return int(bits)
 

@@ -1,4 +1,4 @@
-"""The lab datacenter's network: namespaced hosts, their sshd, shaped links.
+"""The lab datacenter's network: building it, its status, tearing it down.
 
 ``lab_up`` builds, on this machine and as root (see :mod:`vmigrate.lab._plan`
 for every name and address)::
@@ -20,6 +20,9 @@ After a failure: ``lab_up`` has removed what it made and re-raised (with a
 note listing any cleanup step that failed); ``lab_down`` has run every step
 and raises :class:`LabError` listing the failed ones, keeping the state file so
 that it can be run again.
+
+The links of a lab that is up are changed (rate, cut, restore) and measured by
+:mod:`vmigrate.lab.links`, through :func:`find_host` and :func:`shape_link`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import fcntl
 import functools
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -73,23 +75,23 @@ from vmigrate.lab._state import (
     read_state,
     write_state,
 )
+from vmigrate.progress import Event, ProgressFn, guarded
 
 __all__ = [
     "HostStatus",
     "LabSpec",
     "LabStatus",
-    "host_netns",
+    "find_host",
     "lab_dir",
     "lab_down",
     "lab_status",
     "lab_up",
-    "link_down",
-    "link_up",
     "require_root",
-    "set_link_rate",
+    "shape_link",
 ]
 
-Progress = Callable[[str], None]
+#: how the building and teardown steps report a line of progress (see :func:`_say`)
+_Say = Callable[[str], None]
 
 #: Serialises index allocation and building between concurrent ``lab up`` runs
 #: (any VMIGRATE_HOME): the subnets are a machine-wide resource.
@@ -172,7 +174,7 @@ def lab_dir(home: Path, name: str) -> Path:
     return _abs(home) / "labs" / validate_name(name)
 
 
-def lab_up(spec: LabSpec, home: Path, *, progress: Progress | None = None) -> Inventory:
+def lab_up(spec: LabSpec, home: Path, *, progress: ProgressFn | None = None) -> Inventory:
     """Build the lab described by ``spec`` and write ``<home>/vmigrate.toml``.
 
     Returns the inventory as written (``path`` set). Raises
@@ -180,12 +182,14 @@ def lab_up(spec: LabSpec, home: Path, *, progress: Progress | None = None) -> In
     tool), :class:`StateError` (user inventory present, lab already up, names
     taken), :class:`LabError` (a step failed). On failure nothing the call
     created remains, unless a cleanup step failed too (see the exception notes).
+    ``progress`` is told each step as an :class:`~vmigrate.progress.Event` with a
+    ``message``.
     """
     spec.validate()
     require_root()
     _check_tools()
     home = _abs(home)
-    say = progress or _quiet
+    say = _say(progress)
     started = time.monotonic()
     with _machine_lock():
         _refuse_if_taken(home, spec.name)
@@ -223,7 +227,9 @@ def lab_up(spec: LabSpec, home: Path, *, progress: Progress | None = None) -> In
     return inventory
 
 
-def lab_down(home: Path, name: str | None = None, *, progress: Progress | None = None) -> list[str]:
+def lab_down(
+    home: Path, name: str | None = None, *, progress: ProgressFn | None = None
+) -> list[str]:
     """Stop the lab's QEMU processes (verified pidfiles in the hosts' data
     directories), its sshds and any other process left in its namespaces; delete
     its namespaces, its root-namespace links (and any other root interface named
@@ -234,11 +240,11 @@ def lab_down(home: Path, name: str | None = None, *, progress: Progress | None =
     ``<home>/labs``. Every step runs even if an earlier one failed; then
     :class:`LabError` lists the failures and the state file is kept for a rerun.
     A state file of an unknown version raises :class:`LabError` before anything
-    is touched.
+    is touched. ``progress`` is told each step as an Event with a ``message``.
     """
     require_root()
     home = _abs(home)
-    say = progress or _quiet
+    say = _say(progress)
     resolved = _resolve_name(home, name)
     if resolved is None:
         return []
@@ -262,6 +268,26 @@ def lab_down(home: Path, name: str | None = None, *, progress: Progress | None =
                        + "; ".join(failures))
     say(f"lab {resolved} down in {time.monotonic() - started:.2f} s")
     return removed
+
+
+def find_host(home: Path, host: str, name: str | None = None) -> tuple[LabState, LabPlan, HostPlan]:
+    """The recorded state and plan of lab ``name`` in ``home`` (``name`` None: as
+    :func:`lab_down` resolves it) and the plan of its host ``host``.
+
+    Raises :class:`NotFoundError` when there is no such lab or host."""
+    state, plan = _load(_abs(home), name)
+    return state, plan, _host_plan(plan, host)
+
+
+def shape_link(plan: LabPlan, host: str, rate: str) -> None:
+    """tbf at ``rate`` (tc syntax) on both ends of ``host``'s migration veth.
+
+    Raises :class:`LabError` when ``tc`` fails (an end may be shaped already)."""
+    hp = plan.host(host)
+    burst, latency = tbf_params(rate)
+    for dev, ns in ((hp.mig_if, hp.netns), (hp.mig_switch_if, plan.switch_netns)):
+        _sys.tc("qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                "burst", str(burst), "latency", latency, netns=ns)
 
 
 def lab_status(home: Path, name: str | None = None) -> LabStatus:
@@ -296,56 +322,13 @@ def lab_status(home: Path, name: str | None = None) -> LabStatus:
     )
 
 
-def set_link_rate(home: Path, host: str, rate: str, name: str | None = None) -> None:
-    """Reshape both ends of ``host``'s migration link to ``rate`` (tc syntax)."""
-    parse_rate(rate)
-    require_root()
-    home = _abs(home)
-    state, plan = _load(home, name)
-    hp = _host_plan(plan, host)
-    _shape(plan, hp.host, rate)
-    state.rates[hp.host] = rate
-    write_state(lab_dir(home, state.name) / STATE_NAME, state)
-
-
-def link_down(home: Path, host: str, name: str | None = None) -> None:
-    """Cut ``host``'s migration link: both veth ends administratively down."""
-    _set_link(home, host, name, "down")
-
-
-def link_up(home: Path, host: str, name: str | None = None) -> None:
-    """Restore ``host``'s migration link (addresses, routes and shaping persist)."""
-    _set_link(home, host, name, "up")
-
-
-def link_bytes(home: Path, host: str, name: str | None = None) -> tuple[int, int]:
-    """(received, sent) bytes so far on ``host``'s migration interface, as the kernel
-    counts them (IP and TCP headers included): an independent wire measurement."""
-    _state, plan = _load(_abs(home), name)
-    hp = _host_plan(plan, host)
-    base = Path("/sys/class/net") / hp.mig_if / "statistics"
-    script = f"cat {base}/rx_bytes {base}/tx_bytes"
-    res = subprocess.run(["ip", "netns", "exec", hp.netns, "sh", "-c", script],
-                         capture_output=True, text=True, check=False)
-    fields = res.stdout.split()
-    if res.returncode != 0 or len(fields) != 2:
-        raise LabError(f"cannot read {hp.mig_if} counters in {hp.netns}: {res.stderr.strip()}")
-    return int(fields[0]), int(fields[1])
-
-
-def host_netns(home: Path, host: str, name: str | None = None) -> str:
-    """The network namespace of lab host ``host`` (e.g. ``vml-h1``)."""
-    _state, plan = _load(_abs(home), name)
-    return _host_plan(plan, host).netns
-
-
 # -- building ------------------------------------------------------------------
 
 
 class _Builder:
     """Creates the lab, recording each resource in the state file first."""
 
-    def __init__(self, home: Path, plan: LabPlan, state: LabState, say: Progress) -> None:
+    def __init__(self, home: Path, plan: LabPlan, state: LabState, say: _Say) -> None:
         self.home = home
         self.plan = plan
         self.state = state
@@ -362,7 +345,7 @@ class _Builder:
         self.make_dirs_and_keys()
         self.make_namespaces_and_links()
         for hp in plan.hosts:
-            _shape(plan, hp.host, self.state.rates[hp.host])
+            shape_link(plan, hp.host, self.state.rates[hp.host])
         self.say(f"migration links shaped to {self.state.link_rate} (tbf, both directions)")
         self.start_sshds()
         inventory = self.write_inventory()
@@ -514,7 +497,7 @@ class _Builder:
 # -- teardown ------------------------------------------------------------------
 
 
-def _teardown(home: Path, state: LabState, say: Progress) -> tuple[list[str], list[str]]:
+def _teardown(home: Path, state: LabState, say: _Say) -> tuple[list[str], list[str]]:
     """Remove everything ``state`` records; every step guarded.
     Returns (removed, failures); the lab directory is removed only if no step failed."""
     plan = make_plan(state.name, state.index, state.hosts)
@@ -684,8 +667,15 @@ def _remove_lab_inventory(home: Path, name: str, labdir: Path) -> str | None:
 # -- helpers -------------------------------------------------------------------
 
 
-def _quiet(_message: str) -> None:
-    pass
+def _say(progress: ProgressFn | None) -> _Say:
+    """A line of text for ``progress``, as ``Event(message=line)`` (guarded: a display
+    that fails is switched off, the work goes on)."""
+    emit = guarded(progress)
+
+    def say(line: str) -> None:
+        emit(Event(message=line))
+
+    return say
 
 
 def _abs(home: Path) -> Path:
@@ -807,15 +797,6 @@ def _host_plan(plan: LabPlan, host: str) -> HostPlan:
         raise NotFoundError(f"lab {plan.name} has no host {host!r} (hosts: {known})") from None
 
 
-def _shape(plan: LabPlan, host: str, rate: str) -> None:
-    """tbf at ``rate`` on both ends of ``host``'s migration veth."""
-    hp = plan.host(host)
-    burst, latency = tbf_params(rate)
-    for dev, ns in ((hp.mig_if, hp.netns), (hp.mig_switch_if, plan.switch_netns)):
-        _sys.tc("qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-                "burst", str(burst), "latency", latency, netns=ns)
-
-
 def _tbf_rate(line: str | None) -> str | None:
     if not line:
         return None
@@ -829,12 +810,4 @@ def _tbf_rate(line: str | None) -> str | None:
 def _is_up(dev: str, netns: str) -> bool:
     info = _sys.link_info(dev, netns)
     return info is not None and "UP" in info.get("flags", [])
-
-
-def _set_link(home: Path, host: str, name: str | None, updown: str) -> None:
-    require_root()
-    _state, plan = _load(_abs(home), name)
-    hp = _host_plan(plan, host)
-    _sys.ip("link", "set", "dev", hp.mig_if, updown, netns=hp.netns)
-    _sys.ip("link", "set", "dev", hp.mig_switch_if, updown, netns=plan.switch_netns)
 

@@ -239,6 +239,12 @@ class DowntimeProbe:
         with self._lock:
             return len(self._replies)
 
+    def first_reply_after(self, when: float) -> float | None:
+        """Receive time (Unix seconds) of the first reply at or after ``when``."""
+        with self._lock:
+            later = [t for t, _ in self._replies if t >= when]
+        return min(later) if later else None
+
     def wait_reply(self, timeout: float = 10.0, count: int = 1) -> None:
         """Wait until ``count`` replies have arrived; :class:`LabError` if ping exits
         or ``timeout`` passes first (the guest does not answer)."""

@@ -18,8 +18,8 @@ cold/warm disk copies take ``bandwidth`` **per disk** (the disks copy in
 parallel and share ``L``); online disk mirrors have no cap.
 
 live
-    The real :class:`~vmigrate.plan.policy.ConvergenceController`, set up by
-    :func:`~vmigrate.plan.policy.plan_setup` exactly as a migration would be,
+    The real :class:`~vmigrate.plan.convergence.ConvergenceController`, set up by
+    :func:`~vmigrate.plan.capabilities.plan_setup` exactly as a migration would be,
     drives a :class:`~vmigrate.plan.simulate.SimulatedMigration` in simulated
     time (sampled every 0.5 s, like the engine). The simulation sends RAM at
     ``min(L, cap)`` while the guest dirties the assessment's mean dirty rate
@@ -94,13 +94,9 @@ from vmigrate.plan.assessment import (
     Mode,
     ModePrediction,
 )
-from vmigrate.plan.policy import (
-    ConvergenceController,
-    MigrationOptions,
-    MigrationSetup,
-    Policy,
-    plan_setup,
-)
+from vmigrate.plan.capabilities import MigrationOptions, MigrationSetup, plan_setup
+from vmigrate.plan.convergence import ConvergenceController
+from vmigrate.plan.policy import Policy
 from vmigrate.plan.simulate import SimRun, SimulatedMigration, drive_sparse
 
 __all__ = [
@@ -575,7 +571,7 @@ def predict(
     ``feasible=False`` and its reason, and no figures.
 
     Raises :class:`~vmigrate.errors.SpecError` for a downtime or bandwidth out of range (as
-    :func:`~vmigrate.plan.policy.plan_setup` does).
+    :func:`~vmigrate.plan.capabilities.plan_setup` does).
     """
     calibration = Calibration() if calibration is None else calibration
     opts = MigrationOptions(policy=policy, downtime_ms=downtime_ms, bandwidth=bandwidth)
@@ -684,41 +680,28 @@ def _number(value: object) -> float | None:
 
 
 def measured_figures(report: Mapping[str, Any]) -> Figures | None:
-    """The measured figures of a finished migration report (``MigrationReport`` as a dict).
+    """The measured figures of a finished migration report (a version-2
+    ``MigrationReport`` as a dict; ``vmigrate.migration.report.load_report`` upgrades
+    older ones).
 
     Total time: the job's, less ``checks_s`` (the checks of the guest after it ran on
     the destination, which the models do not predict). Downtime: the probe's
-    observed downtime, else QEMU's. Wire bytes: live and
-    cold/warm ``bytes_transferred`` (for cold/warm already the sum of the disks'
-    wire bytes); online adds every disk mirror's ``wire_bytes`` (the source's data
-    plus what was copied again; reports before it: the mirror's ``bytes``, holes
-    included). None when the
-    migration did not complete, its mode is unknown, or a figure is missing.
+    observed downtime, else QEMU's (``memory.qemu_downtime_ms``). Wire bytes:
+    ``bytes_transferred``, which holds the memory stream and every disk. None when
+    the migration did not complete, its mode is unknown, or a figure is missing.
     """
-    if report.get("status") != "completed":
+    if report.get("status") != "completed" or report.get("mode") not in (
+            "live", "online", "cold", "warm"):
         return None
-    mode = report.get("mode")
     total = _number(report.get("total_time_s"))
     checks = _number(report.get("checks_s"))
     if total is not None and checks is not None:  # the migration, not our checks after it
         total = max(0.0, total - checks)
     downtime = _number(report.get("observed_downtime_ms"))
-    if downtime is None:
-        downtime = _number(report.get("qemu_downtime_ms"))
+    memory = report.get("memory")
+    if downtime is None and isinstance(memory, Mapping):
+        downtime = _number(memory.get("qemu_downtime_ms"))
     wire = _number(report.get("bytes_transferred"))
-    if mode == "online" and wire is not None:
-        disks = report.get("disks")
-        if not isinstance(disks, Sequence) or isinstance(disks, str | bytes):
-            return None
-        for disk in disks:
-            # the mirror's "bytes" count holes too; "wire_bytes" (since issue 6) does not
-            copied = (_number(disk.get("wire_bytes", disk.get("bytes")))
-                      if isinstance(disk, Mapping) else None)
-            if copied is None:
-                return None
-            wire += copied
-    elif mode not in ("live", "cold", "warm"):
-        return None
     if total is None or downtime is None or wire is None:
         return None
     try:

@@ -49,19 +49,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmigrate.errors import QmpCommandError
-from vmigrate.plan.policy import (
-    QEMU_DEFAULT_DOWNTIME_MS,
-    QEMU_DEFAULT_MAX_BANDWIDTH,
+from vmigrate.plan.capabilities import MigrationSetup
+from vmigrate.plan.convergence import (
     Abort,
     Action,
     ConvergenceController,
-    MigrationSetup,
     PauseGuest,
     Sample,
     SetParameters,
     StartPostcopy,
     StepRecord,
 )
+from vmigrate.plan.policy import QEMU_DEFAULT_DOWNTIME_MS, QEMU_DEFAULT_MAX_BANDWIDTH
 
 __all__ = [
     "TERMINAL",

@@ -9,11 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vmigrate import units
 from vmigrate.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 class _Model(BaseModel):
@@ -98,12 +97,10 @@ def build_spec(**fields: object) -> VMSpec:
 
 
 def parse_size(text: str, *, what: str = "size") -> int:
-    """``'256M'`` -> bytes. Bare numbers are bytes. Raises :class:`SpecError`."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise SpecError(f"invalid {what} {text!r}: use a number with a unit, e.g. 256M or 2G")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.upper()])
+    """``'256M'`` -> bytes. Bare numbers are bytes (:func:`vmigrate.units.parse_size`).
+
+    Raises :class:`SpecError` naming ``what``."""
+    return units.parse_size(text, what=what)
 
 
 def parse_memory(text: str) -> int:

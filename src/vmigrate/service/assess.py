@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +45,7 @@ from vmigrate.plan.assessment import (
     DiskAssessment,
     LinkAssessment,
 )
+from vmigrate.progress import Event, ProgressFn, guarded
 from vmigrate.qemu import images, process
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import QmpSession, qmp_session
@@ -63,9 +63,6 @@ RAM_SAMPLE_BELOW = 2 << 30
 PAGE = 4096
 #: a long window saturated when it saw less than this share of what the rate predicts
 SATURATION = 0.8
-
-Note = Callable[[str], None]
-
 
 @dataclass(frozen=True)
 class AssessOptions:
@@ -176,11 +173,18 @@ async def _has_tls(host: Host, cfg: HostConfig) -> bool:
 class Assessor:
     """Measures VMs of the inventory; use as ``async with`` (host sessions close on exit)."""
 
-    def __init__(self, inventory: Inventory, store: Store, *, note: Note | None = None) -> None:
+    def __init__(self, inventory: Inventory, store: Store, *,
+                 progress: ProgressFn | None = None) -> None:
+        """``progress`` is told what is measured as it goes, as Events with a ``message``
+        (guarded: a display that fails is switched off, the assessment goes on)."""
         self.inventory = inventory
         self.store = store
-        self.note: Note = note or (lambda line: None)
+        self._progress = guarded(progress)
         self._hosts = HostPool(inventory)
+
+    def note(self, line: str) -> None:
+        """Tell the progress callback ``line``."""
+        self._progress(Event(message=line))
 
     async def __aenter__(self) -> Assessor:
         return self

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmigrate.config import Inventory
-from vmigrate.errors import UserError
+from vmigrate.errors import StoreError, UserError
+from vmigrate.migration.report import load_report
 from vmigrate.plan.assessment import Assessment, Figures, Mode, ModePrediction
+from vmigrate.plan.capabilities import MigrationOptions
 from vmigrate.plan.decide import Decision, PlanningConfig, decide, load_planning
-from vmigrate.plan.policy import MigrationOptions
 from vmigrate.plan.predict import (
     Calibration,
     HistoryEntry,
@@ -24,6 +25,8 @@ from vmigrate.plan.predict import (
     measured_figures,
     predict,
 )
+from vmigrate.progress import Event, ProgressFn
+from vmigrate.service.assess import AssessOptions, Assessor
 from vmigrate.store import Store
 
 #: the prediction a report carries is comparable with this model's (calibration
@@ -37,11 +40,16 @@ def history(store: Store) -> list[HistoryEntry]:
     """Finished migrations whose report holds a raw prediction of this model."""
     entries: list[HistoryEntry] = []
     for job in store.list_jobs(active=False):
-        report = job.report or {}
+        if not job.report:
+            continue
+        try:
+            report = load_report({**job.report, "status": job.status}).model_dump(mode="json")
+        except StoreError:  # a report this vmigrate cannot read teaches nothing
+            continue
         pred = report.get("prediction")
         if not pred or pred.get("model") != MODEL_VERSION or not pred.get("raw"):
             continue
-        measured = measured_figures({**report, "status": job.status})
+        measured = measured_figures(report)
         if measured is None:
             continue
         entries.append(HistoryEntry.model_validate(
@@ -129,3 +137,27 @@ def prediction_record(plan: VmPlan, mode: Mode, *, chosen_by: str) -> dict[str, 
         "link_bandwidth": plan.assessment.link.bandwidth if plan.assessment.link else None,
         "explanation": list(plan.decision.explanation) if chosen_by == "auto" else [],
     }
+
+
+async def plans_for(inv: Inventory, store: Store, names: list[str], to: str,
+                    opts: MigrationOptions, max_age: float, aopts: AssessOptions,
+                    shutdown_timeout: float, *,
+                    progress: ProgressFn | None = None) -> list[VmPlan]:
+    """A plan for each VM towards ``to``: from its stored assessment of the route if one
+    is younger than ``max_age`` seconds, else from a new assessment (stored)."""
+    say = progress or (lambda _e: None)
+    config = planning_config(inv)  # a bad [planning] fails before any measuring
+    plans = []
+    async with Assessor(inv, store, progress=progress) as assessor:
+        for name in names:
+            a = latest_assessment(store, name, to, max_age=max_age)
+            if a is None:
+                say(Event(message=f"{name}: assessing (no assessment of the route younger "
+                                  f"than {max_age:g} s)"))
+                a = await assessor.assess(name, dest=to, opts=aopts)
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.at))
+                say(Event(message=f"{name}: using the assessment of {when}"))
+            plans.append(make_plan(inv, store, a, opts, shutdown_timeout=shutdown_timeout,
+                                   config=config))
+    return plans

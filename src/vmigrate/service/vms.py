@@ -15,7 +15,8 @@ from typing import Any
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.errors import ConflictError, GuestTimeoutError, HostError, SpecError
 from vmigrate.hosts import Host, HostPool
-from vmigrate.lab.image import format_workloads, image_paths, kernel_cmdline, parse_workloads
+from vmigrate.lab.image import image_paths
+from vmigrate.lab.workloads import format_workloads, kernel_cmdline, parse_workloads
 from vmigrate.qemu import process
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import qmp_session

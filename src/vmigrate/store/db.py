@@ -19,9 +19,9 @@ from typing import Any
 from vmigrate.errors import ConflictError, NotFoundError, StoreError
 
 MAGIC = "vmigrate-store"
-SCHEMA_VERSION = 3
-#: versions this code upgrades in place (each only adds tables)
-_UPGRADABLE = {"1", "2"}
+SCHEMA_VERSION = 4
+#: versions this code upgrades in place (each only adds tables or columns)
+_UPGRADABLE = {"1", "2", "3"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     controller_pid INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    state TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_vm ON jobs (vm, status);
 CREATE TABLE IF NOT EXISTS assessments (
@@ -60,9 +61,12 @@ CREATE TABLE IF NOT EXISTS assessments (
 CREATE INDEX IF NOT EXISTS assessments_vm ON assessments (vm, at);
 """
 
-#: job statuses; only RUNNING is active (it locks its VM)
+#: job statuses; RUNNING is active (a controller drives it); RUNNING and
+#: NEEDS_OPERATOR lock the VM (no other job may start for it)
 RUNNING = "running"
-JOB_STATUSES = (RUNNING, "completed", "failed", "cancelled", "needs-operator")
+NEEDS_OPERATOR = "needs-operator"
+JOB_STATUSES = (RUNNING, "completed", "failed", "cancelled", NEEDS_OPERATOR)
+LOCKING = (RUNNING, NEEDS_OPERATOR)
 
 
 @dataclass(frozen=True)
@@ -83,15 +87,24 @@ class JobRecord:
     cancel_requested: bool
     created_at: float
     updated_at: float
+    #: the engine's typed state (``vmigrate.migration.state.JobState`` as JSON), None
+    #: for jobs of older versions
+    state: str | None = None
 
     @property
     def active(self) -> bool:
+        """A controller drives the job (or did, until it died)."""
         return self.status == RUNNING
+
+    @property
+    def locks_vm(self) -> bool:
+        """No other job may start for the VM: running, or waiting for an operator."""
+        return self.status in LOCKING
 
 
 _JOB_COLS = (
     "id, vm, mode, source, dest, phase, status, options, report, error, controller_pid, "
-    "cancel_requested, created_at, updated_at"
+    "cancel_requested, created_at, updated_at, state"
 )
 
 
@@ -129,6 +142,9 @@ class Store:
         if rows.get("magic") != MAGIC:
             raise StoreError(f"{self.path} is not a vmigrate state database")
         if rows.get("version") in _UPGRADABLE:
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+            if "state" not in cols:  # version 4 added the engine's typed job state
+                self._db.execute("ALTER TABLE jobs ADD COLUMN state TEXT")
             self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(SCHEMA_VERSION),))
             return
         if rows.get("version") != str(SCHEMA_VERSION):
@@ -202,23 +218,27 @@ class Store:
 
     def create_job(
         self, job_id: str, vm: str, mode: str, source: str, dest: str, options: dict[str, Any],
-        *, pid: int | None = None,
+        *, pid: int | None = None, state: str | None = None,
     ) -> JobRecord:
-        """Record a new running job in phase ``begin``. The VM is locked: a second
-        active job for it raises :class:`ConflictError` and nothing is written."""
+        """Record a new running job in phase ``begin``. The VM is locked: while another
+        job for it runs or waits for an operator, :class:`ConflictError` is raised
+        and nothing is written."""
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE vm=? AND status=?", (vm, RUNNING)
-                             ).fetchone()
+            row = db.execute(
+                f"SELECT id, status FROM jobs WHERE vm=? AND status IN "
+                f"({','.join('?' * len(LOCKING))})", (vm, *LOCKING)).fetchone()
             if row:
+                how = ("runs" if row[1] == RUNNING else "waits for an operator")
                 raise ConflictError(
-                    f"VM {vm!r} is locked by running job {row[0]} "
-                    "(see 'vmigrate job show', or 'vmigrate job recover' if its controller died)"
+                    f"VM {vm!r} is locked: job {row[0]} {how} (see 'vmigrate job show "
+                    f"{row[0]}'; 'vmigrate job recover' settles a job whose controller died "
+                    "or that waits for an operator)"
                 )
             db.execute(
-                f"INSERT INTO jobs ({_JOB_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO jobs ({_JOB_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, vm, mode, source, dest, "begin", RUNNING, json.dumps(options), None,
-                 None, pid, 0, now, now),
+                 None, pid, 0, now, now, state),
             )
         return self.get_job(job_id)
 
@@ -227,6 +247,20 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE jobs SET phase=?, updated_at=? WHERE id=?",
                        (phase, time.time(), job_id))
+
+    def save_state(self, job_id: str, phase: str, state: str) -> None:
+        """Write-ahead: the job's typed state (JSON) and phase, in one transaction,
+        before the side effect they announce."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET phase=?, state=?, updated_at=? WHERE id=?",
+                       (phase, state, time.time(), job_id))
+
+    def reopen_job(self, job_id: str, pid: int | None) -> None:
+        """A job waiting for an operator is driven again (``job recover``): running,
+        by controller ``pid``."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status=?, controller_pid=?, updated_at=? WHERE id=? "
+                       "AND status=?", (RUNNING, pid, time.time(), job_id, NEEDS_OPERATOR))
 
     def set_controller(self, job_id: str, pid: int | None) -> None:
         with self._tx() as db:
@@ -286,10 +320,11 @@ class Store:
     @staticmethod
     def _job(row: tuple[Any, ...]) -> JobRecord:
         (jid, vm, mode, source, dest, phase, status, options, report, error, pid, cancel,
-         created, updated) = row
+         created, updated, state) = row
         return JobRecord(
             jid, vm, mode, source, dest, phase, status, json.loads(options),
             json.loads(report) if report else None, error, pid, bool(cancel), created, updated,
+            state,
         )
 
     # -- assessments -------------------------------------------------------------------

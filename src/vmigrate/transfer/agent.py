@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from vmigrate.errors import TransferError, TransferIntegrityError, UserError, VmigrateError
+from vmigrate.progress import Event
 from vmigrate.transfer import engine
 from vmigrate.transfer.crypto import parse_key
 from vmigrate.transfer.disks import open_nbd, open_source
-from vmigrate.transfer.engine import Manifest, Progress, SendOptions
+from vmigrate.transfer.engine import Manifest, SendOptions
 from vmigrate.transfer.journal import Geometry
 
 _silenced = False
@@ -51,8 +52,10 @@ def emit(event: str, **fields: Any) -> None:
         _silenced = True
 
 
-def _progress(p: Progress) -> None:
-    emit("progress", **p.as_dict())
+def _progress(ev: Event) -> None:
+    """A ``progress`` line: ``total`` and ``done`` image bytes, then the engine's counts
+    (:meth:`vmigrate.transfer.engine.Progress.event`), as before Events existed."""
+    emit("progress", total=ev.total, done=ev.done, **ev.figures)
 
 
 def _grow_pipe(fd: int) -> None:

@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -51,6 +51,7 @@ from vmigrate.errors import (
     TransferIntegrityError,
     UserError,
 )
+from vmigrate.progress import Event, ProgressFn, guarded
 from vmigrate.transfer import wire
 from vmigrate.transfer.crypto import AuthError, FrameCipher, available_ciphers
 from vmigrate.transfer.disks import FORMATS, Range, Source, Target, open_target
@@ -95,7 +96,9 @@ def image_digest(ids: Sequence[bytes]) -> bytes:
 
 @dataclass
 class Progress:
-    """What a transfer has done so far (bytes of the image, not of the wire)."""
+    """What a transfer has done so far (bytes of the image, not of the wire): a running
+    tally, handed to progress callbacks as an :class:`~vmigrate.progress.Event`
+    (:meth:`event`)."""
 
     total: int
     done: int = 0
@@ -116,8 +119,14 @@ class Progress:
                 "skipped_bytes": self.skipped, "resent_bytes": self.resent,
                 "seconds": round(self.elapsed, 3)}
 
-
-ProgressFn = Callable[[Progress], None]
+    def event(self) -> Event:
+        """The tally as a progress event: image bytes ``done`` of ``total``, and the
+        other counts of :meth:`as_dict` in ``figures`` under the same names
+        (``wire_bytes``, ``data_bytes``, ``zero_bytes``, ``skipped_bytes``,
+        ``resent_bytes``, ``seconds``)."""
+        figures = self.as_dict()
+        done, total = figures.pop("done"), figures.pop("total")
+        return Event(done=done, total=total, figures=figures)
 
 
 class TokenBucket:
@@ -323,7 +332,7 @@ class Sender:
         self.opts = opts
         self.g = Geometry(source.size, opts.chunk_size, opts.target_format)
         self.p = Progress(source.size)
-        self._progress_fn = progress
+        self._progress_fn = guarded(progress) if progress is not None else None
         self._last_progress = 0.0
         self.depth = depth
         self.comp = Compressor(opts.compress)
@@ -344,7 +353,7 @@ class Sender:
         if self._progress_fn and (force or now - self._last_progress >= 0.25):
             self._last_progress = now
             self.p.wire = self.ch.wire_out
-            self._progress_fn(self.p)
+            self._progress_fn(self.p.event())
 
     async def run(self, manifest: Manifest | None = None,
                   dirty: list[Range] | None = None) -> tuple[Progress, dict[str, Any], Manifest]:
@@ -686,7 +695,7 @@ class _Receiver:
         self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
         self.jpath = target.with_name(target.name + JOURNAL_SUFFIX)
         self.sock_dir = sock_dir
-        self.progress_fn = progress
+        self.progress_fn = guarded(progress) if progress is not None else None
         self._last = 0.0
 
     async def try_error(self, message: str, integrity: bool) -> None:
@@ -832,7 +841,7 @@ class _Receiver:
             if self.progress_fn and now - self._last >= 0.25:
                 self._last = now
                 p.wire = self.ch.wire_in
-                self.progress_fn(p)
+                self.progress_fn(p.event())
 
     async def _data(self, tgt: Target, journal: Journal, g: Geometry, frame: Frame,
                     payload: bytes, p: Progress) -> bool:

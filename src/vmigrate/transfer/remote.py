@@ -23,7 +23,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -37,6 +36,7 @@ from vmigrate.errors import (
     VmigrateError,
 )
 from vmigrate.hosts import Host, HostProcess, LocalHost, open_host
+from vmigrate.progress import Event, ProgressFn, guarded
 from vmigrate.transfer.crypto import new_key
 from vmigrate.transfer.engine import SendOptions
 
@@ -98,7 +98,18 @@ class Outcome:
         }
 
 
-ProgressFn = Callable[[dict[str, Any]], None]
+def _progress_event(fields: dict[str, Any]) -> Event:
+    """A sender's ``progress`` line as an Event: image bytes ``done`` of ``total``, its
+    other numbers (``wire_bytes``, ``data_bytes`` ...) in ``figures``; what is not a
+    number is left out."""
+
+    def whole(value: object) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    figures = {k: v for k, v in fields.items() if k not in ("done", "total")
+               and isinstance(v, int | float) and not isinstance(v, bool)}
+    return Event(done=whole(fields.get("done")), total=whole(fields.get("total")),
+                 figures=figures)
 
 
 class _End:
@@ -131,7 +142,7 @@ class _End:
                 log.debug("%s: %s", self.name, text)
                 continue
             if kind == "progress" and self.on_progress:
-                self.on_progress(ev)
+                self.on_progress(_progress_event(ev))
             elif kind == "listening" and not self.listening.done():
                 self.listening.set_result(int(ev["port"]))
             elif kind == "done":
@@ -196,9 +207,15 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
                hosts: dict[str, Host] | None = None) -> Outcome:
     """Copy an image (or, from an :class:`NbdSource`, a running VM's disk) to ``dst``.
 
+    ``progress`` gets an :class:`~vmigrate.progress.Event` about four times a second:
+    image bytes ``done`` of ``total``, and the sender's counts in ``figures``
+    (``wire_bytes``, ``data_bytes``, ``zero_bytes``, ``skipped_bytes``,
+    ``resent_bytes``, ``seconds``); a callback that raises is switched off.
+
     Raises :class:`TransferError` when it fails (rerunning resumes) and
     :class:`TransferIntegrityError` when the stream or the copy does not verify."""
     src_host_name = src[0] if isinstance(src, tuple) else src.host
+    progress = guarded(progress) if progress is not None else None
     opened: list[Host] = []
     hosts = dict(hosts or {})
 

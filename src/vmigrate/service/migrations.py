@@ -1,0 +1,403 @@
+"""Migrations as a service: one entry that turns a request into a job and runs it.
+
+:class:`MigrationService` is what the CLI, the demo and the benchmarks call:
+
+* :meth:`~MigrationService.options` validates every field of a
+  :class:`MigrationRequest` before anything starts (a wrong request raises a
+  :class:`~vmigrate.errors.UserError` and changes nothing);
+* :meth:`~MigrationService.choose` settles ``--mode auto`` (assess, predict,
+  decide) and attaches the prediction the report keeps;
+* :meth:`~MigrationService.migrate` creates the job (which locks the VM), builds
+  its two strategies and its verifiers (the lab guest's come from
+  :mod:`vmigrate.lab.verifiers`, chosen from the VM), runs the engine and
+  returns the report, stored with the job;
+* :meth:`~MigrationService.recover` settles jobs whose controller died, or that
+  wait for an operator.
+
+Hypervisors are reached through a :class:`Backend` (QEMU over SSH by default;
+the unit tests pass the fakes of :mod:`vmigrate.testing.fakehv`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from vmigrate.audit.log import AuditLog, check_appendable
+from vmigrate.config import HostConfig, Inventory
+from vmigrate.drivers.base import Driver
+from vmigrate.drivers.qemu import QemuDriver
+from vmigrate.errors import (
+    ConflictError,
+    SpecError,
+    StoreError,
+    UserError,
+    VmigrateError,
+)
+from vmigrate.lab.verifiers import lab_verifiers
+from vmigrate.migration.engine import Engine
+from vmigrate.migration.job import Job, Timing
+from vmigrate.migration.memory import MEMORY
+from vmigrate.migration.report import MigrationReport, load_report
+from vmigrate.migration.state import MODES, JobOptions, JobState, Mode
+from vmigrate.migration.storage import STORAGE
+from vmigrate.migration.verify import (
+    ConsoleCrash,
+    CopiesVerified,
+    DestinationRuns,
+    Verifier,
+)
+from vmigrate.plan.capabilities import MigrationOptions, plan_setup
+from vmigrate.plan.policy import load_policies, resolve_policy
+from vmigrate.progress import ProgressFn
+from vmigrate.qemu.spec import VMSpec
+from vmigrate.service.assess import AssessOptions
+from vmigrate.service.planning import (
+    DEFAULT_MAX_AGE_S,
+    VmPlan,
+    latest_assessment,
+    make_plan,
+    plans_for,
+    prediction_record,
+)
+from vmigrate.store import JobRecord, Store
+from vmigrate.store.db import NEEDS_OPERATOR, RUNNING
+from vmigrate.transfer.mover import EngineMover, Mover
+from vmigrate.units import parse_rate
+
+MODE_CHOICES = ("auto", "live", "online", "cold", "warm")
+
+
+class Backend(Protocol):
+    """How the service reaches hosts: a driver per host, a mover between them."""
+
+    def driver(self, cfg: HostConfig) -> Driver: ...
+
+    def mover(self, drivers: Mapping[str, Driver]) -> Mover: ...
+
+
+class QemuBackend:
+    """vmigrate's own QEMU processes, over SSH (or locally), and its transfer engine."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+
+    def driver(self, cfg: HostConfig) -> Driver:
+        return QemuDriver(cfg)
+
+    def mover(self, drivers: Mapping[str, Driver]) -> Mover:
+        hosts = {n: d.host for n, d in drivers.items() if isinstance(d, QemuDriver)}
+        return EngineMover(self.inventory, hosts)
+
+
+@dataclass
+class MigrationRequest:
+    """What ``vmigrate migrate`` was asked for, before validation."""
+
+    vm: str
+    dest: str
+    mode: str = "live"
+    policy: str = "balanced"
+    downtime_ms: int | None = None
+    #: bytes/s (100M) or bits (800mbit); also each disk's cap in cold/warm
+    bandwidth: str | None = None
+    parallel: int | None = None
+    compress: str | None = None
+    #: seconds before the policy's timeout action
+    timeout: float | None = None
+    tls: bool = True
+    target_storage: str | None = None
+    target_format: str | None = None
+    delete_source: bool = False
+    shutdown_timeout: float = 60.0
+    force: bool = True
+    #: warm: HH:MM (today, local time), +SECONDS, or epoch seconds
+    cutover: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What ``job recover`` did for one job."""
+
+    job: str
+    vm: str
+    phase: str
+    outcome: str  # completed | failed | cancelled | needs-operator | skipped
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"job": self.job, "vm": self.vm, "phase": self.phase, "outcome": self.outcome,
+                "detail": self.detail}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def parse_cutover(text: str, *, now: float | None = None) -> float:
+    """``HH:MM`` (today, local time), ``+SECONDS`` or epoch seconds -> epoch seconds.
+    Raises :class:`UserError` for anything else, or a time that is not finite."""
+    t = text.strip()
+    now = time.time() if now is None else now
+    bad = UserError(f"invalid --cutover {text!r}: use HH:MM, +SECONDS or an epoch time")
+    try:
+        if t.startswith("+"):
+            value = now + float(t[1:])
+        elif ":" in t:
+            hh, mm = t.split(":", 1)
+            if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+                raise bad
+            when = dt.datetime.fromtimestamp(now).replace(hour=int(hh), minute=int(mm),
+                                                          second=0, microsecond=0)
+            value = when.timestamp()
+        else:
+            value = float(t)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(value) or value < 0 or value > now + 366 * 86400:
+        raise bad
+    return value
+
+
+def controller_alive(job: JobRecord) -> bool:
+    """Whether the process that ran the job still runs (and is a vmigrate process)."""
+    if not job.controller_pid:
+        return False
+    try:
+        with open(f"/proc/{job.controller_pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+    except OSError:
+        return False
+    return b"vmigrate" in cmdline and job.controller_pid != os.getpid()
+
+
+class MigrationService:
+    """Builds migration jobs from requests and runs them (see the module doc)."""
+
+    def __init__(self, inventory: Inventory, store: Store, audit: AuditLog, *,
+                 backend: Backend | None = None, timing: Timing | None = None,
+                 progress: ProgressFn | None = None) -> None:
+        self.inventory = inventory
+        self.store = store
+        self.audit = audit
+        self.backend: Backend = backend or QemuBackend(inventory)
+        self.timing = timing
+        self.progress = progress
+
+    # -- validation ------------------------------------------------------------------
+
+    def options(self, req: MigrationRequest, mode: str | None = None) -> JobOptions:
+        """Every field of ``req`` checked (``mode`` overrides ``req.mode``, e.g. the
+        mode ``auto`` chose). Raises :class:`UserError` naming the field; reads the
+        inventory and the store only."""
+        mode = mode or req.mode
+        if mode not in MODE_CHOICES:
+            raise UserError(f"unknown --mode {mode!r}: use {', '.join(MODE_CHOICES)}")
+        if mode == "live" and (req.target_storage or req.target_format or req.delete_source):
+            raise UserError("--target-storage, --target-format and --delete-source need "
+                            "--mode online, cold or warm")
+        if req.cutover is not None and mode not in ("warm", "auto"):
+            raise UserError("--cutover needs --mode warm (or auto, if it picks warm)")
+        if mode in ("cold", "warm") and (req.parallel is not None or req.compress):
+            raise UserError("--parallel and --compress shape the memory stream of live and "
+                            "online migration; cold and warm copy disks on their own engine")
+        if req.target_format not in (None, "raw", "qcow2"):
+            raise UserError(f"unknown --target-format {req.target_format!r}: use raw or qcow2")
+        if req.compress not in (None, "zstd", "xbzrle"):
+            raise UserError(f"unknown --compress {req.compress!r}: use zstd or xbzrle")
+        if not math.isfinite(req.shutdown_timeout) or req.shutdown_timeout <= 0:
+            raise UserError(f"--shutdown-timeout {req.shutdown_timeout}: must be a positive "
+                            "number of seconds")
+        policy = resolve_policy(req.policy, load_policies(self.inventory.policies))
+        if req.timeout is not None:
+            if not math.isfinite(req.timeout) or req.timeout <= 0:
+                raise UserError(f"--timeout {req.timeout}: must be a positive number of seconds")
+            policy = policy.model_copy(update={"timeout_s": req.timeout})
+        bandwidth = parse_rate(req.bandwidth, what="--bandwidth") if req.bandwidth else None
+        cutover = parse_cutover(req.cutover) if req.cutover is not None else None
+        record = self.store.get_vm(req.vm)
+        self.inventory.host(req.dest)
+        if record.host == req.dest:
+            raise UserError(f"VM {req.vm} already runs on {req.dest}")
+        try:
+            opts = JobOptions(
+                mode="live" if mode == "auto" else mode,  # type: ignore[arg-type]
+                policy=policy, downtime_ms=req.downtime_ms, bandwidth=bandwidth,
+                parallel=req.parallel, compress=req.compress,  # type: ignore[arg-type]
+                tls=req.tls, target_storage=req.target_storage,
+                target_format=req.target_format,  # type: ignore[arg-type]
+                delete_source=req.delete_source, shutdown_timeout=req.shutdown_timeout,
+                force=req.force, cutover_at=cutover)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise UserError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+                            ) from exc
+        if mode in ("live", "online", "auto"):
+            # refuse what QEMU cannot do before any job exists (checked again in begin
+            # against the source's real QEMU version)
+            plan_setup(MigrationOptions(policy=opts.policy, downtime_ms=opts.downtime_ms,
+                                        bandwidth=opts.bandwidth, parallel=opts.parallel,
+                                        compress=opts.compress, tls=opts.tls))
+            if self.inventory.host(req.dest).migration_address is None:
+                raise UserError(f"host {req.dest} has no migration_address in the inventory")
+        if opts.target_storage is not None and opts.target_storage not in (
+                self.inventory.host(req.dest).pools):
+            known = ", ".join(sorted(self.inventory.host(req.dest).pools)) or "none"
+            raise SpecError(f"host {req.dest} has no storage pool {opts.target_storage!r} "
+                            f"(its pools: {known})")
+        return opts
+
+    # -- the mode and its prediction -------------------------------------------------
+
+    async def choose(self, req: MigrationRequest, *, max_age: float = DEFAULT_MAX_AGE_S,
+                     assess: AssessOptions | None = None
+                     ) -> tuple[Mode, dict[str, Any] | None, VmPlan | None]:
+        """The mode to run and the prediction the report keeps. ``auto`` assesses (or
+        reuses an assessment younger than ``max_age``) and takes the decision
+        matrix's choice (:class:`ConflictError` when no mode is usable); an explicit
+        mode is predicted only from an assessment already stored (no delay)."""
+        opts = self.options(req)  # a wrong request fails before any measuring
+        mopts = MigrationOptions(policy=opts.policy, downtime_ms=opts.downtime_ms,
+                                 bandwidth=opts.bandwidth, parallel=opts.parallel,
+                                 compress=opts.compress, tls=opts.tls)
+        if req.mode == "auto":
+            vp = (await plans_for(self.inventory, self.store, [req.vm], req.dest, mopts,
+                                  max_age, assess or AssessOptions(), opts.shutdown_timeout,
+                                  progress=self.progress))[0]
+            chosen = vp.decision.chosen
+            if chosen is None:
+                raise ConflictError(f"no usable migration mode for {req.vm}: "
+                                    + " ".join(vp.decision.explanation))
+            self.options(req, chosen)  # the options hold for the mode it chose
+            return chosen, prediction_record(vp, chosen, chosen_by="auto"), vp
+        mode: Mode = req.mode  # type: ignore[assignment]
+        a = latest_assessment(self.store, req.vm, req.dest, max_age=max_age)
+        if a is None:
+            return mode, None, None
+        vp = make_plan(self.inventory, self.store, a, mopts,
+                       shutdown_timeout=opts.shutdown_timeout)
+        if not vp.predictions[mode].feasible:
+            return mode, None, vp
+        return mode, prediction_record(vp, mode, chosen_by="operator"), vp
+
+    # -- one migration ---------------------------------------------------------------
+
+    def verifiers(self, spec: VMSpec) -> list[Verifier]:
+        """The verifiers a migration of ``spec`` runs, in order."""
+        return [CopiesVerified(), DestinationRuns(), *lab_verifiers(self.inventory, spec),
+                ConsoleCrash()]
+
+    async def migrate(self, req: MigrationRequest, *, mode: Mode | None = None,
+                      prediction: dict[str, Any] | None = None,
+                      on_job: Any = None) -> MigrationReport:
+        """Validate, create the job (the VM is locked from here on), run it; return the
+        report (stored with the job) for every outcome. Raises before the job exists
+        for a wrong request (:class:`UserError`), a VM locked by another job
+        (:class:`ConflictError`) or an audit log that cannot be appended to
+        (:class:`StoreError`). ``on_job(job_id)`` is called once the job exists."""
+        opts = self.options(req, mode)
+        record = self.store.get_vm(req.vm)
+        spec = VMSpec.model_validate_json(record.spec_json)
+        check_appendable(self.audit.path)  # never start a job on a log it cannot write
+        job_id = new_job_id()
+        memory, storage = MODES[opts.mode]
+        state = JobState(job=job_id, vm=req.vm, mode=opts.mode, memory=memory,
+                         storage=storage, source=record.host, dest=req.dest, options=opts,
+                         spec=spec, dest_spec=spec)
+        report = MigrationReport(
+            job=job_id, vm=req.vm, mode=opts.mode, memory_strategy=memory,
+            storage_strategy=storage, source=record.host, dest=req.dest,
+            options=_options_dict(opts), tls=opts.tls and memory == "precopy",
+            stream_security=("tls" if opts.tls else "none") if memory == "precopy"
+            else opts.cipher, prediction=prediction)
+        self.store.create_job(job_id, req.vm, opts.mode, record.host, req.dest,
+                              report.options, pid=os.getpid(), state=state.model_dump_json())
+        if on_job is not None:
+            on_job(job_id)
+        return await self._run(state, report, lambda engine: engine.run())
+
+    async def _run(self, state: JobState, report: MigrationReport, go: Any) -> MigrationReport:
+        src_cfg = self.inventory.host(state.source)
+        dst_cfg = self.inventory.host(state.dest)
+        drivers = {src_cfg.name: self.backend.driver(src_cfg),
+                   dst_cfg.name: self.backend.driver(dst_cfg)}
+        mover = self.backend.mover(drivers)
+        try:
+            job = Job(state=state, report=report, store=self.store, audit=self.audit,
+                      src=drivers[src_cfg.name], dst=drivers[dst_cfg.name], mover=mover,
+                      verifiers=self.verifiers(state.spec), timing=self.timing,
+                      progress=self.progress)
+            engine = Engine(job, MEMORY[state.memory](), STORAGE[state.storage]())
+            result: MigrationReport = await go(engine)
+            return result
+        finally:
+            with contextlib.suppress(Exception):
+                await mover.close()
+            for d in drivers.values():
+                with contextlib.suppress(Exception):
+                    await d.close()
+
+    # -- recovery --------------------------------------------------------------------
+
+    def recoverable(self) -> list[JobRecord]:
+        """Jobs ``job recover`` settles by default: running with a dead controller, or
+        waiting for an operator."""
+        return [j for j in self.store.list_jobs()
+                if (j.status == RUNNING and not controller_alive(j))
+                or j.status == NEEDS_OPERATOR]
+
+    async def recover(self, jobs: list[JobRecord], *, force: bool = False) -> list[Recovery]:
+        """Settle each job; a job that cannot be loaded or settled is named in the
+        result (``skipped``) and the others go on."""
+        done = []
+        for j in jobs:
+            try:
+                done.append(await self._recover_one(j, force=force))
+            except ConflictError as exc:
+                done.append(Recovery(j.id, j.vm, j.phase, "skipped", str(exc)))
+            except (StoreError, ValidationError, ValueError) as exc:
+                done.append(Recovery(j.id, j.vm, j.phase, "skipped",
+                                     f"cannot load the job's state: {exc}"))
+            except VmigrateError as exc:
+                done.append(Recovery(j.id, j.vm, j.phase, "skipped", str(exc)))
+        return done
+
+    async def _recover_one(self, j: JobRecord, *, force: bool) -> Recovery:
+        if not j.locks_vm:
+            raise ConflictError(f"job {j.id} is {j.status}: nothing to recover")
+        if j.status == RUNNING and controller_alive(j) and not force:
+            raise ConflictError(f"job {j.id} is still run by process {j.controller_pid}; "
+                                "cancel it with 'vmigrate job cancel' instead")
+        if j.state is None:
+            raise StoreError(f"job {j.id} was started by an older vmigrate and has no saved "
+                             "state; look at both hosts and settle it by hand")
+        state = JobState.model_validate_json(j.state)
+        report = load_report(j.report) if j.report else MigrationReport(
+            job=j.id, vm=j.vm, mode=j.mode, memory_strategy=state.memory,
+            storage_strategy=state.storage, source=j.source, dest=j.dest,
+            options=_options_dict(state.options))
+        why = ("the controller died" if j.status == RUNNING else
+               "an operator asked to settle it")
+        phase = state.phase.value
+        if j.status == NEEDS_OPERATOR:
+            self.store.reopen_job(j.id, os.getpid())
+        else:
+            self.store.set_controller(j.id, os.getpid())
+        out = await self._run(state, report, lambda engine: engine.recover(why))
+        return Recovery(j.id, j.vm, phase, out.status,
+                        out.error or "; ".join(out.notes) or "settled")
+
+
+def _options_dict(opts: JobOptions) -> dict[str, Any]:
+    data = opts.model_dump(mode="json", exclude={"policy"})
+    data["policy"] = opts.policy.name
+    return data
