@@ -185,11 +185,33 @@ def _hangup(tmp_path: Path, body: str, survive: bool) -> tuple[int, str, Path]:
     return proc.returncode, stdout.decode(), marker
 
 
-def test_sighup_is_survived_and_output_dropped(tmp_path: Path) -> None:
+def test_sighup_is_survived_and_output_to_a_pipe_kept(tmp_path: Path) -> None:
+    # the hang-up took the terminal, not the pipe (or file) the output goes to
     returncode, stdout, marker = _hangup(tmp_path, HANGUP, survive=True)
     assert returncode == 0, traceback_of(marker)
     assert marker.read_text() == "done"
-    assert "before the hang-up" in stdout and "after the hang-up" not in stdout
+    assert "before the hang-up" in stdout and "after the hang-up 19" in stdout
+
+
+def test_sighup_drops_what_goes_to_the_terminal(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    master, slave = pty.openpty()
+    proc = child(HANGUP, marker, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                 start_new_session=True)
+    os.close(slave)
+    seen = b""
+    try:
+        while proc.poll() is None or select.select([master], [], [], 0.2)[0]:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # EIO once the child closed its end
+                    break
+    finally:
+        os.close(master)
+    assert proc.wait(timeout=60) == 0, traceback_of(marker)
+    assert marker.read_text() == "done"
+    assert b"before the hang-up" in seen and b"after the hang-up" not in seen
 
 
 def test_without_survive_terminal_sighup_kills(tmp_path: Path) -> None:

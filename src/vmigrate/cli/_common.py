@@ -79,6 +79,12 @@ class _SurvivingStream:
     def __init__(self, real: TextIO) -> None:
         self._real = real
         self._gone = False
+        #: a terminal when wrapped: a hang-up takes its reader away (a file or a pipe
+        #: keeps its reader, and what goes there is kept)
+        try:
+            self.terminal = real.isatty()
+        except (OSError, ValueError):
+            self.terminal = False
 
     @property
     def gone(self) -> bool:
@@ -200,7 +206,8 @@ _surviving: list[_SurvivingStream] = []
 
 def _on_hangup(signum: int, frame: FrameType | None) -> None:
     for stream in _surviving:
-        stream._silence()
+        if stream.terminal:
+            stream._silence()
 
 
 def _surviving_stream(stream: TextIO | None,
@@ -221,9 +228,9 @@ def survive_terminal() -> None:
     Call it at the start of the command, from the main thread. Afterwards:
 
     * SIGHUP (the operator's SSH session dropped) no longer ends the process; once it
-      arrived, everything written to stdout and stderr is dropped (nobody is there
-      to read it). If SIGHUP was already ignored (``nohup``), it stays so and output
-      goes where it went.
+      arrived, what goes to a terminal is dropped (nobody is there to read it); output
+      redirected to a file or a pipe goes on. If SIGHUP was already ignored
+      (``nohup``), it stays so and output goes where it went.
     * ``sys.stdout`` and ``sys.stderr`` are wrappers that forward to the real streams
       until a write or flush finds the reader gone (EPIPE: the pipe was closed; EIO: the
       pty was closed), and from then on silently drop output for that stream.

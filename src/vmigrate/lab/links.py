@@ -1,12 +1,13 @@
-"""Faults and measurements on the migration links of a lab that is up.
+"""Faults and measurements on the links of a lab that is up.
 
 :func:`lab_up <vmigrate.lab.net.lab_up>` shapes every host's migration link
 (``tc tbf`` on both ends of its veth, at the lab's rate). While the lab runs,
 tests and benchmarks change those links here: :func:`set_link_rate` reshapes
 one, :func:`link_down` cuts it (both ends administratively down) and
-:func:`link_up` restores it; :func:`link_bytes` reads what crossed it, as the
-kernel counts it, and :func:`host_netns` names a host's namespace (to run a
-command on the host's side).
+:func:`link_up` restores it; :func:`vm_link_down` / :func:`vm_link_up` do the same
+to a host's uplink to the VM network (its guests fall silent outside the host);
+:func:`link_bytes` reads what crossed it, as the kernel counts it, and
+:func:`host_netns` names a host's namespace (to run a command on the host's side).
 
 Every function takes the lab's home and, optionally, its name (default: the lab
 of ``<home>/vmigrate.toml``, else the only lab in ``<home>/labs``), and raises
@@ -30,6 +31,8 @@ __all__ = [
     "link_down",
     "link_up",
     "set_link_rate",
+    "vm_link_down",
+    "vm_link_up",
 ]
 
 
@@ -51,6 +54,17 @@ def link_down(home: Path, host: str, name: str | None = None) -> None:
 def link_up(home: Path, host: str, name: str | None = None) -> None:
     """Restore ``host``'s migration link (addresses, routes and shaping persist)."""
     _set_link(home, host, name, "up")
+
+
+def vm_link_down(home: Path, host: str, name: str | None = None) -> None:
+    """Cut ``host``'s uplink to the VM network (layer 2): its guests no longer answer
+    anyone outside the host, the probe namespace included."""
+    _set_vm_link(home, host, name, "down")
+
+
+def vm_link_up(home: Path, host: str, name: str | None = None) -> None:
+    """Restore ``host``'s uplink to the VM network."""
+    _set_vm_link(home, host, name, "up")
 
 
 def link_bytes(home: Path, host: str, name: str | None = None) -> tuple[int, int]:
@@ -77,3 +91,10 @@ def _set_link(home: Path, host: str, name: str | None, updown: str) -> None:
     _state, plan, hp = find_host(home, host, name)
     _sys.ip("link", "set", "dev", hp.mig_if, updown, netns=hp.netns)
     _sys.ip("link", "set", "dev", hp.mig_switch_if, updown, netns=plan.switch_netns)
+
+
+def _set_vm_link(home: Path, host: str, name: str | None, updown: str) -> None:
+    require_root()
+    _state, plan, hp = find_host(home, host, name)
+    _sys.ip("link", "set", "dev", hp.vm_if, updown, netns=hp.netns)
+    _sys.ip("link", "set", "dev", hp.vm_switch_if, updown, netns=plan.switch_netns)

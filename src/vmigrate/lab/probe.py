@@ -214,6 +214,9 @@ class DowntimeProbe:
             self._proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent,
+                # its own session: the operator's Ctrl-C or hang-up reaches the controller
+                # (which cancels or carries on), never the probe directly
+                start_new_session=True,
             )
         except OSError as exc:
             raise LabError(f"cannot start ping in {self.netns}: {exc}") from exc

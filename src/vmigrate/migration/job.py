@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
     from vmigrate.migration.verify import Verifier
 
 T = TypeVar("T")
+
+#: a testing aid for the end-to-end tests: the controller SIGKILLs itself right after
+#: it audited the decision of this name (e.g. ``completed``), to test ``job recover``
+#: at a precise point
+KILL_AT_ENV = "VMIGRATE_TEST_KILL_AT"
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,10 @@ class Job:
         """Audit a decision of the engine (before its side effect)."""
         self.audit("decision", {"decision": what, **data})
         self.log.info("decision %s %s", what, data)
+        if os.environ.get(KILL_AT_ENV) == what:
+            # a testing aid: die here as a SIGKILL would (no cleanup, no report)
+            self.log.warning("%s=%s: killing the controller", KILL_AT_ENV, what)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def progress(self, event: Event) -> None:
         self._progress(event)
