@@ -14,9 +14,9 @@ BENCHMARKS.md), so an idle guest is not fully quiet.
 
 Three ways to move the VM, each measured in the same session on the same lab:
 
-* vmigrate:      ``OnlineMigration`` as ``vmigrate migrate --mode online`` runs it:
-                 the default 'balanced' policy, TLS on the NBD and RAM streams;
-* libvirt-like:  the same ``OnlineMigration`` with TLS off (``tls=False``), as
+* vmigrate:      ``MigrationService.migrate`` as ``vmigrate migrate --mode online`` runs
+                 it: the default 'balanced' policy, TLS on the NBD and RAM streams;
+* libvirt-like:  the same online migration with TLS off (``tls=False``), as
                  ``virsh migrate --live --copy-storage-all`` runs by default (no
                  ``--tls``). What is the same as libvirt: the destination exports
                  thin target images over NBD, one ``blockdev-mirror`` per disk,
@@ -47,8 +47,7 @@ mirror's initial zeroing of the whole target over NBD (cheap: write-zeroes reque
 and the re-copying of blocks the guest dirtied meanwhile (not in the numerator).
 As a diagnostic, every mirror progress sample is timed: the "data range only"
 fraction is the rate at which the offset crossed the data (its first and last
-16 MiB left out), i.e. the streaming rate without the fixed costs around it. The
-rows also hold when the longest ping gap began, relative to the mirror's start.
+16 MiB left out), i.e. the streaming rate without the fixed costs around it.
 Each copy is checked: idle and cold targets with ``qemu-img compare`` against the
 source, diskwrite targets with the guest's records (every acknowledged record valid).
 
@@ -62,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -78,16 +78,14 @@ from typing import Any
 
 from vmigrate.audit.log import AuditLog
 from vmigrate.config import HOME_ENV, Inventory, load_inventory
+from vmigrate.errors import ConflictError
 from vmigrate.lab.disks import thin_raw_image
 from vmigrate.lab.image import build_image
 from vmigrate.lab.links import host_netns, set_link_rate
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
-from vmigrate.lab.probe import ProbeResult
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
-from vmigrate.migration.live import Progress
-from vmigrate.migration.online import OnlineMigration, OnlineOptions
-from vmigrate.plan.capabilities import MigrationOptions
-from vmigrate.plan.policy import BUILTIN
+from vmigrate.progress import Event
+from vmigrate.service.migrations import MigrationRequest, MigrationService
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 
@@ -108,12 +106,14 @@ LABELS = {
 }
 
 
-def strategies() -> dict[str, MigrationOptions]:
-    balanced = BUILTIN["balanced"]
-    return {
-        "vmigrate": MigrationOptions(policy=balanced),
-        "libvirt-like": MigrationOptions(policy=balanced, tls=False),
-    }
+#: the online strategies, and whether each runs with TLS
+STRATEGIES = {"vmigrate": True, "libvirt-like": False}
+
+
+def request(strat: str, vm: str) -> MigrationRequest:
+    """The online migration of ``vm`` to h2 for strategy ``strat``."""
+    return MigrationRequest(vm=vm, dest="h2", mode="online", policy="balanced",
+                            tls=STRATEGIES[strat])
 
 
 def pool(inv: Inventory, host: str) -> Path:
@@ -142,24 +142,27 @@ def fraction(nbytes: int | None, seconds: float | None) -> tuple[float | None, f
 
 
 
-class _Instrumented(OnlineMigration):
-    """OnlineMigration unchanged, but the probe's result is kept for the diagnostics
-    (when the longest ping gap began), and every mirror progress sample is timed."""
+class Instrumented:
+    """What the diagnostics need from a migration as it runs: its job id (``on_job``)
+    and the time of every disk-copy progress sample (``progress``)."""
 
-    probe_result: ProbeResult | None = None
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
+    def __init__(self) -> None:
+        self.job_id: str | None = None
+        #: (Unix time, image bytes copied, image bytes to copy), all disks together
         self.samples: list[tuple[float, int, int]] = []
-        super().__init__(*args, on_progress=self._sample, **kw)
 
-    def _sample(self, p: Progress) -> None:
-        if p.disk is not None:
-            self.samples.append((time.time(), *p.disk))
+    def on_job(self, job_id: str) -> None:
+        self.job_id = job_id
 
-    async def _stop_probe(self) -> None:
-        if self.probe is not None:
-            self.probe_result = await asyncio.to_thread(self.probe.stop)  # idempotent
-        await super()._stop_probe()
+    def progress(self, ev: Event) -> None:
+        if ev.step == "copying disks" and ev.done is not None and ev.total is not None:
+            self.samples.append((time.time(), ev.done, ev.total))
+
+
+def request_cancel(store: Store, job_id: str) -> None:
+    """The watchdog: cancel the job unless it has ended meanwhile."""
+    with contextlib.suppress(ConflictError):
+        store.request_cancel(job_id)
 
 
 def decision_times(audit: Path, job: str) -> dict[str, float]:
@@ -182,10 +185,13 @@ def crossing(samples: list[tuple[float, int, int]], level: int) -> float | None:
     return None
 
 
-def diagnostics(mig: _Instrumented, home: Path, data: int) -> dict[str, Any]:
-    """Where the mirror's time went, and where the longest ping gap fell, in seconds
-    from the mirror's start. The offset runs through the disk in order: zeroes up to
-    DATA_OFFSET, the data, then zeroes to the end."""
+def diagnostics(mig: Instrumented, r: dict[str, Any], home: Path,
+                data: int) -> dict[str, Any]:
+    """Where the mirror's time went, in seconds from the mirror's start, and what the
+    probe saw (``r``: the report). The offset runs through the disk in order: zeroes up
+    to DATA_OFFSET, the data, then zeroes to the end."""
+    if mig.job_id is None:
+        return {}
     marks = decision_times(home / "audit.jsonl", mig.job_id)
     start = marks.get("mirror")
     if start is None:
@@ -200,7 +206,11 @@ def diagnostics(mig: _Instrumented, home: Path, data: int) -> dict[str, Any]:
     if t_lo is not None and t_hi is not None and t_hi > t_lo:
         steady = round((hi - lo) / (t_hi - t_lo) / LINK_BYTES_S, 3)
     done = next((t for t, d, n in mig.samples if n and d >= n), None)
-    probe = mig.probe_result
+    probe = r["probe"] or {}
+    # the probe's longest gap is the observed downtime of an online migration, unless
+    # the guest did not answer after the switch (then the silence since its last reply
+    # counts too); when the gap began is not in the report
+    gap = r["observed_downtime_ms"] if r["verification"].get("answers_ping") else None
     return {
         "t_data_start_s": rel(crossing(mig.samples, DATA_OFFSET)),
         "t_data_end_s": rel(crossing(mig.samples, DATA_OFFSET + data)),
@@ -209,16 +219,14 @@ def diagnostics(mig: _Instrumented, home: Path, data: int) -> dict[str, Any]:
         "t_migrate_s": rel(marks.get("migrate")),
         "t_handed_over_s": rel(marks.get("disks-handed-over")),
         "steady_link_fraction": steady,
-        "gap_ms": probe.longest_gap_ms if probe else None,
-        "gap_at_s": rel(probe.gap_start) if probe and probe.gap_start else None,
-        "probe_sent": probe.sent if probe else None,
-        "probe_received": probe.received if probe else None,
+        "gap_ms": gap if probe else None,
+        "probe_sent": probe.get("sent"),
+        "probe_received": probe.get("received"),
     }
 
 
-async def online_run(home: Path, size: str, workload: str, strat: str,
-                     opts: MigrationOptions, index: int, rep: int,
-                     budget: float) -> dict[str, Any]:
+async def online_run(home: Path, size: str, workload: str, strat: str, index: int,
+                     rep: int, budget: float) -> dict[str, Any]:
     inv = load_inventory(home / "vmigrate.toml")
     store = Store(home / "vmigrate.db")
     vm = f"o{index}"
@@ -226,6 +234,7 @@ async def online_run(home: Path, size: str, workload: str, strat: str,
     make_source(src, SIZES[size])
     target: Path | None = None
     disk: dict[str, Any] | None = None
+    samples: list[tuple[float, int, int]] = []
     row: dict[str, Any] = {"kind": "online", "size": size, "workload": workload,
                            "strategy": strat, "rep": rep}
     try:
@@ -241,16 +250,25 @@ async def online_run(home: Path, size: str, workload: str, strat: str,
                 if workload == "diskwrite":
                     await console.wait(r"DISKWRITE ack=\d+ dev=/dev/vda", timeout=120)
                 await asyncio.sleep(3)  # let the workload reach its rate
-                mig = _Instrumented(inv, store, AuditLog(home / "audit.jsonl"), vm, "h2",
-                                    opts, online=OnlineOptions())
-                watchdog = asyncio.get_running_loop().call_later(budget, mig.cancel)
+                mig = Instrumented()
+                service = MigrationService(inv, store, AuditLog(home / "audit.jsonl"),
+                                           progress=mig.progress)
+                loop = asyncio.get_running_loop()
+                watchdogs: list[asyncio.TimerHandle] = []
+
+                def started(job_id: str) -> None:
+                    mig.on_job(job_id)
+                    watchdogs.append(loop.call_later(budget, request_cancel, store, job_id))
+
                 try:
-                    report = await mig.run()
+                    report = await service.migrate(request(strat, vm), on_job=started)
                 finally:
-                    watchdog.cancel()
+                    for w in watchdogs:
+                        w.cancel()
                 r = report.model_dump(mode="json")
                 disk = r["disks"][0] if r["disks"] else None
-                row["diag"] = diagnostics(mig, home, SIZES[size])
+                row["diag"] = diagnostics(mig, r, home, SIZES[size])
+                samples = mig.samples
                 if r["status"] == "completed" and disk is not None:
                     target = Path(disk["target"])
                     ack = 0
@@ -279,16 +297,17 @@ async def online_run(home: Path, size: str, workload: str, strat: str,
     allocated = disk["source_allocated"] if disk else None
     ready = disk["ready_s"] if disk else None
     mbs, frac = fraction(allocated, ready)
+    mem = r["memory"] or {}  # None when the job failed before its memory setup
     row.update({
         "status": r["status"], "error": r["error"], "tls": r["tls"],
         "total_time_s": r["total_time_s"], "ready_s": ready,
         "handover_s": disk["handover_s"] if disk else None,
-        "source_allocated": allocated, "mirror_offset": disk["bytes"] if disk else None,
-        "report_mirror_mbps": disk["mirror_mbps"] if disk else None,
+        "source_allocated": allocated, "mirror_offset": mirror_offset(disk, samples),
+        "report_mirror_mbps": disk["mbps"] if disk else None,
         "mirror_MBps": mbs, "link_fraction": frac,
-        "qemu_downtime_ms": r["qemu_downtime_ms"],
+        "qemu_downtime_ms": mem.get("qemu_downtime_ms"),
         "observed_downtime_ms": r["observed_downtime_ms"],
-        "ram_bytes_sent": r["bytes_transferred"], "postcopy": r["postcopy"],
+        "ram_bytes_sent": mem.get("bytes"), "postcopy": bool(mem.get("postcopy")),
         "answers_ping": r["verification"].get("answers_ping"),
         "guest_crash": r["verification"].get("guest_crash"),
     })
@@ -354,6 +373,18 @@ def cold_run(home: Path, name: str, size: str, index: int, rep: int,
         src.unlink(missing_ok=True)
         dst.unlink(missing_ok=True)
     return row
+
+
+def mirror_offset(disk: dict[str, Any] | None,
+                  samples: list[tuple[float, int, int]]) -> int | None:
+    """The mirror's own byte count (the sparse ranges and the blocks copied again
+    included) when it was completed, else at its last progress sample. The report
+    keeps what crossed the link instead: ``wire_bytes`` = allocated + (offset -
+    virtual size) once the mirror was ready (its offset then reached its length, at
+    least the virtual size), so the final offset is that, inverted."""
+    if disk is not None and disk["handover_s"] is not None:
+        return int(disk["virtual_size"] + disk["wire_bytes"] - disk["source_allocated"])
+    return samples[-1][1] if samples else None
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -448,12 +479,12 @@ def main() -> int:
         for size in sizes:
             for rep in range(args.repeat):
                 for workload in WORKLOADS:
-                    for strat, opts in strategies().items():
+                    for strat in STRATEGIES:
                         if args.only and strat not in args.only:
                             continue
                         index += 1
-                        keep(asyncio.run(online_run(home, size, workload, strat, opts,
-                                                    index, rep, args.budget)))
+                        keep(asyncio.run(online_run(home, size, workload, strat, index, rep,
+                                                    args.budget)))
                 if not args.only or "cold" in args.only:
                     index += 1
                     keep(cold_run(home, name, size, index, rep, args.budget))

@@ -324,14 +324,22 @@ def _assessment_summary(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _report_summary(r: dict[str, Any]) -> dict[str, Any]:
-    keep = ("total_time_s", "qemu_total_time_ms", "qemu_downtime_ms", "observed_downtime_ms",
-            "bytes_transferred", "ram_bytes", "iterations", "postcopy", "postcopy_time_s",
-            "paused_guest", "max_throttle_pct", "steps", "cleanup_errors")
+    """The parts of a (version-2) migration report worth keeping with the run. The
+    memory figures are lifted out of ``memory`` (None for cold and warm);
+    ``bytes_transferred`` is everything on the wire (memory stream and disks),
+    ``memory_bytes`` the memory stream alone."""
+    keep = ("total_time_s", "checks_s", "observed_downtime_ms", "bytes_transferred", "steps",
+            "cleanup_errors")
     out = {k: r.get(k) for k in keep}
-    out["disks"] = [{k: d.get(k) for k in ("source", "target", "bytes", "source_allocated",
+    mem = r.get("memory") or {}
+    for k in ("qemu_total_time_ms", "qemu_downtime_ms", "ram_bytes", "iterations",
+              "postcopy", "postcopy_time_s", "paused_guest", "max_throttle_pct"):
+        out[k] = mem.get(k)
+    out["memory_bytes"] = mem.get("bytes")
+    out["disks"] = [{k: d.get(k) for k in ("source", "target", "source_allocated",
                                            "data_bytes", "wire_bytes", "resent_bytes",
-                                           "ready_s", "handover_s", "transfer_s", "verified")
-                     if k in d} for d in r.get("disks", [])]
+                                           "seconds", "ready_s", "handover_s", "verified")}
+                    for d in r.get("disks", [])]
     v = r.get("verification") or {}
     out["verification"] = {k: v.get(k) for k in ("dest_running", "answers_ping", "guest_crash",
                                                   "memcheck") if k in v}

@@ -123,7 +123,7 @@ def random_image(path: Path, size: int) -> None:
 def make_images(pool: Path, quick: bool) -> dict[str, dict[str, Any]]:
     data = 128 * MiB if quick else 512 * MiB
     sparse_size, sparse_data = (1 * GiB, 64 * MiB) if quick else (2 * GiB, 128 * MiB)
-    images = {
+    images: dict[str, dict[str, Any]] = {
         "random": {"path": pool / "src-random.raw", "size": data, "data": data},
         "text": {"path": pool / "src-text.raw", "size": data, "data": data},
         "sparse": {"path": pool / "src-sparse.raw", "size": sparse_size, "data": sparse_data},

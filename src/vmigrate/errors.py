@@ -161,7 +161,15 @@ class QmpCommandError(QmpError):
 
 class QmpConnectionError(QmpError):
     """The monitor could not be reached, went away, or did not answer in time; the
-    command may or may not have run."""
+    command may or may not have run.
+
+    ``timed_out``: the connection is still there, only the answer did not come in
+    time (QEMU's main loop may be blocked, e.g. on a post-copy page fault); the
+    session stays usable (out-of-band commands still get through)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        self.timed_out = timed_out
+        super().__init__(message)
 
 
 class VmStartError(QemuError):

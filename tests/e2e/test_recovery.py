@@ -71,8 +71,8 @@ def exactly_one_guest_on(lab: Lab, vm: str, host: str) -> None:
     assert isinstance(state, dict) and state["state"] == "running"
 
 
-def recover(lab: Lab) -> list[dict[str, Any]]:
-    res = lab.cli("job", "recover", "--json", timeout=400)
+def recover(lab: Lab, job: str) -> list[dict[str, Any]]:
+    res = lab.cli("job", "recover", job, "--json", timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
     done = json.loads(res.stdout)
     assert isinstance(done, list)
@@ -128,7 +128,7 @@ def test_cold_destination_silent_after_boot_needs_an_operator(
     finally:
         vm_link_up(lab.home, "h2", lab.name)
     # the network is back: recover checks again and settles the job
-    done = [r for r in recover(lab) if r["vm"] == "quiet1"]
+    done = recover(lab, job["id"])
     assert [r["outcome"] for r in done] == ["completed"], done
     exactly_one_guest_on(lab, "quiet1", "h2")
 
@@ -152,7 +152,7 @@ def test_controller_killed_during_postcopy_is_recovered(
             proc.wait()
     job = last_job(lab, "pck")
     assert job["status"] == "running"  # left behind, mid post-copy
-    done = [r for r in recover(lab) if r["job"] == job["id"]]
+    done = recover(lab, job["id"])
     assert [r["outcome"] for r in done] == ["completed"], done
     exactly_one_guest_on(lab, "pck", "h2")
     report = job_report(lab, job["id"])["report"]
@@ -174,7 +174,7 @@ def test_controller_killed_right_after_qemu_completed_is_recovered(
     assert rc == -signal.SIGKILL, errs[-3000:]
     job = last_job(lab, "sus1")
     assert job["status"] == "running"
-    done = [r for r in recover(lab) if r["job"] == job["id"]]
+    done = recover(lab, job["id"])
     assert [r["outcome"] for r in done] == ["completed"], done
     exactly_one_guest_on(lab, "sus1", "h2")
 

@@ -28,9 +28,10 @@ from typing import Any
 
 import pytest
 
-from vmigrate.audit.log import AuditLog, verify
+from vmigrate.audit.log import AuditLog, read, verify
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.drivers.base import Driver
+from vmigrate.errors import StoreError
 from vmigrate.migration.job import Timing
 from vmigrate.migration.report import MigrationReport
 from vmigrate.qemu.spec import DiskSpec, NicSpec, VMSpec
@@ -287,6 +288,7 @@ SCENARIOS = {  # name: (mode, dirty rate, policy)
 SWEEP = {  # name: fault fields
     "command": {"kind": "command"},
     "reply-lost": {"kind": "connection", "after": True},
+    "reply-late": {"kind": "timeout", "after": True},
     "unreachable": {"kind": "unreachable"},
     "crash": {"kind": "crash"},
     "cancel": {"kind": "cancel"},
@@ -321,3 +323,43 @@ async def test_one_fault_at_every_call(shm: Path, scenario: str, fault_name: str
         except AssertionError as exc:
             problems.append(f"call {n} ({clean.cluster.calls[n]}): {str(exc)[:300]}")
     assert not problems, "\n".join(problems)
+
+
+# -- the audit log never wedges a job -------------------------------------------------------
+
+
+class FlakyAudit(AuditLog):
+    """An audit log whose n-th append fails as a full disk or a torn tail would."""
+
+    def __init__(self, path: Path, fail_at: int) -> None:
+        super().__init__(path)
+        self.fail_at = fail_at
+        self.appends = 0
+
+    def append(self, event: str, data: Mapping[str, Any], *, job: str | None = None) -> Any:
+        self.appends += 1
+        if self.appends == self.fail_at:
+            raise StoreError(f"cannot append to audit log {self.path}: injected")
+        return super().append(event, data, job=job)
+
+
+@pytest.mark.parametrize("mode", ["live", "cold"])
+async def test_a_failed_audit_write_never_wedges_the_job(shm: Path, mode: str) -> None:
+    """Whichever append fails: before the point of no return the job fails cleanly (rolled
+    back, the VM unlocked); after it the migration finishes and says what was not
+    written."""
+    (shm / "clean").mkdir()
+    clean = World(shm / "clean", mode)
+    await clean.migrate()
+    appends = len(read(clean.audit.path))
+    for n in range(1, appends + 1):
+        (shm / str(n)).mkdir()
+        w = World(shm / str(n), mode)
+        w.audit = FlakyAudit(w.audit.path, n)
+        report = await w.migrate()
+        status = assert_consistent(w)
+        assert status in ("failed", "completed"), (n, status)
+        if status == "completed":  # the report says what the audit log lacks
+            said = report.cleanup_errors + report.notes
+            assert any("injected" in e for e in said), (n, report)
+        assert not w.job().locks_vm

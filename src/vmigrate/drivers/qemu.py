@@ -77,8 +77,13 @@ class QemuMonitor(Monitor):
         try:
             return await session.execute(command, arguments, oob=oob,
                                          timeout=timeout or DEFAULT_TIMEOUT_S)
-        except QmpConnectionError:
-            await self.close()  # the next call connects again
+        except QmpConnectionError as exc:
+            if not exc.timed_out:
+                # gone: the next call connects again. A command that only timed out
+                # keeps the session: QEMU's main loop may be blocked (a post-copy page
+                # fault), and connecting anew would need that very loop, while
+                # out-of-band commands still get through this one
+                await self.close()
             raise
 
     # -- the guest

@@ -129,7 +129,9 @@ class PingProbe(Verifier):
         st = job.state
         report.probe = {"sent": result.sent, "received": result.received,
                         "duration_s": round(result.duration_s, 3),
-                        "deadline_hit": result.deadline_hit}
+                        "deadline_hit": result.deadline_hit,
+                        "longest_gap_ms": round(result.longest_gap_ms, 1),
+                        "gap_start": result.gap_start, "last_reply": result.last_reply}
         first = probe.first_reply_after(st.pnr_at) if st.pnr_at else None
         if first is not None and st.pnr_at is not None:
             report.answer_after_switch_ms = round(max(0.0, first - st.pnr_at) * 1000, 1)

@@ -38,7 +38,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from vmigrate.errors import (
     Cancelled,
@@ -183,15 +184,15 @@ class Engine:
             raise MigrationFailed("checks before the guest may run on the destination failed: "
                                   + "; ".join(f"{c.name}: {c.detail}" for c in failed))
 
-    async def _check(self, name: str, hook: Any, when: str) -> Check | None:
+    async def _check(self, name: str, hook: Callable[[Job], Awaitable[Check | None]],
+                     when: Literal["source-stopped", "after-switch"]) -> Check | None:
         try:
-            check: Check | None = await hook(self.job)
+            check = await hook(self.job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a verifier that cannot check is not a failed check
             self.job.log.warning("verifier %s failed: %s", name, exc)
-            check = Check(name=name, ok=None, detail=f"could not check: {exc}",
-                          when=when)  # type: ignore[arg-type]
+            check = Check(name=name, ok=None, detail=f"could not check: {exc}", when=when)
         if check is not None:
             self.job.report.add_check(check)
         return check

@@ -248,8 +248,8 @@ class PreCopy(MemoryStrategy):
                 if now > deadline_after_pnr:
                     raise NeedsOperator(f"post-copy: the source does not answer ({exc}); the "
                                         "guest's memory is split between the hosts") from exc
-                unanswered = time.monotonic() - now >= t.postcopy_stall_s * 0.9
-                if isinstance(exc, QmpConnectionError) and unanswered and st.postcopy:
+                unanswered = isinstance(exc, QmpConnectionError) and exc.timed_out
+                if unanswered and st.postcopy:
                     await self._recover_postcopy(job, now - last_move)
                     last_move = time.monotonic()
                 else:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
-from vmigrate.drivers.base import NbdAddress
+from vmigrate.drivers.base import BlockJob, NbdAddress
 from vmigrate.errors import (
     ConflictError,
     EnvironmentError_,
@@ -313,6 +313,7 @@ class Mirror(_Moving):
             await mon.mirror(_job_id(d), d.node, _nbd_node(d))
             self._started[d.index] = time.monotonic()
         job.decision("mirror", jobs=[_job_id(d) for d in st.disks])
+        job.say("copying disks")
         last_done, last_move = -1, t0
         while True:
             job.check_cancel()
@@ -325,8 +326,7 @@ class Mirror(_Moving):
                 fig.data_bytes = min(bj.offset, d.allocated)
                 if bj.ready and fig.ready_s is None:
                     fig.ready_s = fig.seconds = round(now - self._started[d.index], 3)
-            job.progress(Event(message="copying disks", phase="perform", step="copying disks",
-                               done=done, total=total))
+            job.progress(Event(phase="perform", step="copying disks", done=done, total=total))
             if all(f.ready_s is not None for f in job.report.disks):
                 break
             if done != last_done:
@@ -341,7 +341,7 @@ class Mirror(_Moving):
             for d, f, bj in zip(st.disks, job.report.disks,
                                 (jobs[_job_id(d)].offset for d in st.disks), strict=True)])
 
-    async def _jobs(self, job: Job) -> dict[str, Any]:
+    async def _jobs(self, job: Job) -> dict[str, BlockJob]:
         """Our mirrors now; :class:`MigrationFailed` when one has ended on its own."""
         jobs = {j.id: j for j in await job.src_monitor().block_jobs(
             timeout=job.timing.qmp_timeout_s)}

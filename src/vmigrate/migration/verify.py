@@ -20,7 +20,7 @@ has nothing to say) and records its verdict in ``job.report.verification``.
 
 Generic verifiers live here (they need nothing but the hypervisor seam); the
 lab guest's (memory check, disk records, ping and downtime probe) live in
-:mod:`vmigrate.lab.verifiers`. The service layer picks them for a VM.
+the lab package (``lab/verifiers.py``); the service layer picks them for a VM.
 """
 
 from __future__ import annotations

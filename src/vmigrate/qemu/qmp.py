@@ -46,8 +46,8 @@ class QmpSession:
             return await asyncio.wait_for(
                 self._client.execute(command, arguments, oob=oob), timeout)
         except TimeoutError as exc:
-            raise QmpConnectionError(f"{self.vm}: no reply to {command} within {timeout}s"
-                                     ) from exc
+            raise QmpConnectionError(f"{self.vm}: no reply to {command} within {timeout}s",
+                                     timed_out=True) from exc
         except ExecuteError as exc:
             raise QmpCommandError(f"{self.vm}: {command} failed: {exc}",
                                   exc.error_class) from exc

@@ -26,7 +26,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -298,7 +298,7 @@ class MigrationService:
 
     async def migrate(self, req: MigrationRequest, *, mode: Mode | None = None,
                       prediction: dict[str, Any] | None = None,
-                      on_job: Any = None) -> MigrationReport:
+                      on_job: Callable[[str], None] | None = None) -> MigrationReport:
         """Validate, create the job (the VM is locked from here on), run it; return the
         report (stored with the job) for every outcome. Raises before the job exists
         for a wrong request (:class:`UserError`), a VM locked by another job
@@ -325,7 +325,8 @@ class MigrationService:
             on_job(job_id)
         return await self._run(state, report, lambda engine: engine.run())
 
-    async def _run(self, state: JobState, report: MigrationReport, go: Any) -> MigrationReport:
+    async def _run(self, state: JobState, report: MigrationReport,
+                   go: Callable[[Engine], Awaitable[MigrationReport]]) -> MigrationReport:
         src_cfg = self.inventory.host(state.source)
         dst_cfg = self.inventory.host(state.dest)
         drivers = {src_cfg.name: self.backend.driver(src_cfg),
@@ -337,8 +338,7 @@ class MigrationService:
                       verifiers=self.verifiers(state.spec), timing=self.timing,
                       progress=self.progress)
             engine = Engine(job, MEMORY[state.memory](), STORAGE[state.storage]())
-            result: MigrationReport = await go(engine)
-            return result
+            return await go(engine)
         finally:
             with contextlib.suppress(Exception):
                 await mover.close()

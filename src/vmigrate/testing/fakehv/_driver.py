@@ -68,6 +68,8 @@ class FakeDriver(Driver):
             return ControllerCrash(f"controller crashed at {self.name}: {method}")
         if fault.kind == "command":
             return CommandError(self.name, [method], 1, "injected fault")
+        if fault.kind == "timeout":  # as Host.run reports a command that ran too long
+            return CommandError(self.name, [method], 124, f"{method}: timed out (injected)")
         return HostUnreachableError(f"host {self.name}: connection lost during {method} "
                                     f"(injected {fault.kind})")
 

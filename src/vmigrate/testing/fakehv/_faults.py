@@ -15,9 +15,10 @@ from typing import Literal, NamedTuple, get_args
 __all__ = ["Call", "ControllerCrash", "Fault", "FaultKind", "Side"]
 
 #: ``command``: the hypervisor/host/transfer refused; ``connection``: the channel was
-#: lost; ``unreachable``: the host did not answer; ``crash``: the controller died;
+#: lost; ``timeout``: no answer in time, the channel kept (a monitor whose main loop is
+#: blocked); ``unreachable``: the host did not answer; ``crash``: the controller died;
 #: ``cancel``: the operator asked to cancel (``on_cancel``) and the call goes on
-FaultKind = Literal["command", "connection", "unreachable", "crash", "cancel"]
+FaultKind = Literal["command", "connection", "timeout", "unreachable", "crash", "cancel"]
 #: which seam a call belongs to
 Side = Literal["driver", "monitor", "mover"]
 

@@ -111,6 +111,8 @@ class FakeMonitor(Monitor):
             return ControllerCrash(f"controller crashed at {where}")
         if fault.kind == "command":
             return _refuse(f"{where} failed: injected fault")
+        if fault.kind == "timeout":  # no answer in time; the session stays
+            return QmpConnectionError(f"{where}: no reply in time (injected)", timed_out=True)
         self._disconnect()
         return QmpConnectionError(f"{where}: monitor lost (injected {fault.kind})")
 
