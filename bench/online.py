@@ -47,7 +47,8 @@ mirror's initial zeroing of the whole target over NBD (cheap: write-zeroes reque
 and the re-copying of blocks the guest dirtied meanwhile (not in the numerator).
 As a diagnostic, every mirror progress sample is timed: the "data range only"
 fraction is the rate at which the offset crossed the data (its first and last
-16 MiB left out), i.e. the streaming rate without the fixed costs around it.
+16 MiB left out), i.e. the streaming rate without the fixed costs around it. The
+rows also hold when the longest ping gap began, relative to the mirror's start.
 Each copy is checked: idle and cold targets with ``qemu-img compare`` against the
 source, diskwrite targets with the guest's records (every acknowledged record valid).
 
@@ -207,10 +208,7 @@ def diagnostics(mig: Instrumented, r: dict[str, Any], home: Path,
         steady = round((hi - lo) / (t_hi - t_lo) / LINK_BYTES_S, 3)
     done = next((t for t, d, n in mig.samples if n and d >= n), None)
     probe = r["probe"] or {}
-    # the probe's longest gap is the observed downtime of an online migration, unless
-    # the guest did not answer after the switch (then the silence since its last reply
-    # counts too); when the gap began is not in the report
-    gap = r["observed_downtime_ms"] if r["verification"].get("answers_ping") else None
+    gap_start = probe.get("gap_start")
     return {
         "t_data_start_s": rel(crossing(mig.samples, DATA_OFFSET)),
         "t_data_end_s": rel(crossing(mig.samples, DATA_OFFSET + data)),
@@ -219,7 +217,8 @@ def diagnostics(mig: Instrumented, r: dict[str, Any], home: Path,
         "t_migrate_s": rel(marks.get("migrate")),
         "t_handed_over_s": rel(marks.get("disks-handed-over")),
         "steady_link_fraction": steady,
-        "gap_ms": gap if probe else None,
+        "gap_ms": probe.get("longest_gap_ms"),
+        "gap_at_s": rel(gap_start) if gap_start else None,
         "probe_sent": probe.get("sent"),
         "probe_received": probe.get("received"),
     }

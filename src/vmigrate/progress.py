@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Event", "ProgressFn", "guarded", "lines", "quiet"]
+__all__ = ["Event", "ProgressFn", "Say", "guarded", "lines", "quiet", "sayer"]
 
 _log = logging.getLogger(__name__)
 
@@ -84,3 +84,18 @@ def guarded(fn: ProgressFn | None) -> ProgressFn:
             _log.warning("progress display failed; it is switched off", exc_info=True)
 
     return on_event
+
+
+#: a line of progress for a person
+Say = Callable[[str], None]
+
+
+def sayer(progress: ProgressFn | None) -> Say:
+    """A function that sends a line of text to ``progress`` as ``Event(message=line)``
+    (guarded: a display that fails is switched off, the work goes on)."""
+    emit = guarded(progress)
+
+    def say(line: str) -> None:
+        emit(Event(message=line))
+
+    return say

@@ -191,6 +191,9 @@ async def test_every_mode_completes(tmp_path: Path, mode: str) -> None:
     assert (report.memory is None) == (mode in ("cold", "warm"))
     assert bool(report.disks) == (mode != "live")
     assert report.verification.dest_running is True and report.announced
+    # everything on the wire: the memory stream and every disk
+    memory = report.memory.bytes if report.memory else 0
+    assert report.bytes_transferred == memory + sum(d.wire_bytes for d in report.disks) > 0
     job = w.job()
     assert job.phase == "confirm" and job.report["v"] == 2
 
@@ -363,3 +366,28 @@ async def test_a_failed_audit_write_never_wedges_the_job(shm: Path, mode: str) -
             said = report.cleanup_errors + report.notes
             assert any("injected" in e for e in said), (n, report)
         assert not w.job().locks_vm
+
+
+async def test_job_recover_names_a_job_it_cannot_load_and_goes_on(shm: Path) -> None:
+    w = World(shm, "live")
+    w.cluster.inject(Fault("crash", call="migrate"))
+    crashed, _ = await run_with_crash_only(w)
+    assert crashed
+    # two more abandoned jobs of other VMs: one of an older vmigrate (no saved state), one
+    # whose state is unreadable
+    w.store.create_job("old1", "vmold", "live", "h1", "h2", {}, pid=None)
+    w.store.create_job("bad1", "vmbad", "live", "h1", "h2", {}, pid=None, state="{nope")
+    done = {r.job: r for r in await w.recover()}
+    assert done["old1"].outcome == done["bad1"].outcome == "skipped"
+    assert "older vmigrate" in done["old1"].detail
+    mine = w.job()
+    assert done[mine.id].outcome == "failed"  # crashed before QEMU began: rolled back
+    assert assert_consistent(w) == "failed"
+    assert w.store.get_job("old1").active  # left as it was, for an operator
+
+
+async def run_with_crash_only(w: World) -> tuple[bool, MigrationReport | None]:
+    try:
+        return False, await w.migrate()
+    except ControllerCrash:
+        return True, None

@@ -297,11 +297,7 @@ class QemuDriver(Driver):
             status = await self.monitor(vm).run_state(timeout=10)
         except (HostError, QmpError):
             return VmState.UNKNOWN
-        try:
-            return VmState(status)
-        except ValueError:
-            return VmState.PAUSED if status in {"prelaunch", "suspended", "io-error"} else (
-                VmState.UNKNOWN)
+        return process.run_state(status)
 
     async def start_vm(self, spec: VMSpec, *, incoming: bool = False,
                        held: bool = False) -> None:

@@ -43,14 +43,14 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vmigrate.errors import EnvironmentError_, LabError
-from vmigrate.progress import Event, ProgressFn, guarded
+from vmigrate.progress import ProgressFn, Say, sayer
 
 __all__ = [
     "IMAGE_DIR_ENV",
@@ -79,8 +79,6 @@ GUEST_PROGRAMS = ("memtouch", "diskwrite", "tlbtick", "powerbtn")
 #: ``/bin/powerbtn`` see an ACPI power-down (Debian builds both as modules).
 ROOT_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "evdev", "button")
 
-#: how the build steps report a line of progress (see :func:`_say`)
-_Say = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def _resolve_kernel(metadata: str) -> tuple[str, str] | None:
     return None
 
 
-def _kernel_package(*, allow_update: bool, say: _Say) -> tuple[str, str] | None:
+def _kernel_package(*, allow_update: bool, say: Say) -> tuple[str, str] | None:
     """``(package, version)`` of the kernel ``linux-image-amd64`` depends on.
 
     Runs ``apt-get update`` first when apt knows no candidate and
@@ -269,7 +267,7 @@ def build_image(
     ``progress`` is told each step as an :class:`~vmigrate.progress.Event` with a
     ``message``.
     """
-    say = _say(progress)
+    say = sayer(progress)
     directory = image_dir if image_dir is not None else default_image_dir()
     digest = _sources_digest()
     image = _paths(directory)
@@ -297,16 +295,6 @@ def build_image(
     return image
 
 
-def _say(progress: ProgressFn | None) -> _Say:
-    """A line of text for ``progress``, as ``Event(message=line)`` (guarded: a display
-    that fails is switched off, the work goes on)."""
-    emit = guarded(progress)
-
-    def say(line: str) -> None:
-        emit(Event(message=line))
-
-    return say
-
 
 def _quiet_kernel_package() -> tuple[str, str] | None:
     try:
@@ -316,7 +304,7 @@ def _quiet_kernel_package() -> tuple[str, str] | None:
 
 
 def _build(
-    tmp: Path, directory: Path, kernel: tuple[str, str], digest: str, say: _Say
+    tmp: Path, directory: Path, kernel: tuple[str, str], digest: str, say: Say
 ) -> dict[str, Any]:
     package, version = kernel
     say(f"downloading {package} ({version})")

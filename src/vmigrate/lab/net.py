@@ -75,7 +75,7 @@ from vmigrate.lab._state import (
     read_state,
     write_state,
 )
-from vmigrate.progress import Event, ProgressFn, guarded
+from vmigrate.progress import ProgressFn, Say, sayer
 
 __all__ = [
     "HostStatus",
@@ -90,8 +90,6 @@ __all__ = [
     "shape_link",
 ]
 
-#: how the building and teardown steps report a line of progress (see :func:`_say`)
-_Say = Callable[[str], None]
 
 #: Serialises index allocation and building between concurrent ``lab up`` runs
 #: (any VMIGRATE_HOME): the subnets are a machine-wide resource.
@@ -189,7 +187,7 @@ def lab_up(spec: LabSpec, home: Path, *, progress: ProgressFn | None = None) -> 
     require_root()
     _check_tools()
     home = _abs(home)
-    say = _say(progress)
+    say = sayer(progress)
     started = time.monotonic()
     with _machine_lock():
         _refuse_if_taken(home, spec.name)
@@ -244,7 +242,7 @@ def lab_down(
     """
     require_root()
     home = _abs(home)
-    say = _say(progress)
+    say = sayer(progress)
     resolved = _resolve_name(home, name)
     if resolved is None:
         return []
@@ -328,7 +326,7 @@ def lab_status(home: Path, name: str | None = None) -> LabStatus:
 class _Builder:
     """Creates the lab, recording each resource in the state file first."""
 
-    def __init__(self, home: Path, plan: LabPlan, state: LabState, say: _Say) -> None:
+    def __init__(self, home: Path, plan: LabPlan, state: LabState, say: Say) -> None:
         self.home = home
         self.plan = plan
         self.state = state
@@ -497,7 +495,7 @@ class _Builder:
 # -- teardown ------------------------------------------------------------------
 
 
-def _teardown(home: Path, state: LabState, say: _Say) -> tuple[list[str], list[str]]:
+def _teardown(home: Path, state: LabState, say: Say) -> tuple[list[str], list[str]]:
     """Remove everything ``state`` records; every step guarded.
     Returns (removed, failures); the lab directory is removed only if no step failed."""
     plan = make_plan(state.name, state.index, state.hosts)
@@ -666,16 +664,6 @@ def _remove_lab_inventory(home: Path, name: str, labdir: Path) -> str | None:
 
 # -- helpers -------------------------------------------------------------------
 
-
-def _say(progress: ProgressFn | None) -> _Say:
-    """A line of text for ``progress``, as ``Event(message=line)`` (guarded: a display
-    that fails is switched off, the work goes on)."""
-    emit = guarded(progress)
-
-    def say(line: str) -> None:
-        emit(Event(message=line))
-
-    return say
 
 
 def _abs(home: Path) -> Path:

@@ -137,7 +137,7 @@ class ProbeResult:
     #: Unix time of the reply after which the longest gap began (None: < 2 replies)
     gap_start: float | None
     duration_s: float
-    #: ping stopped on its own (its ``-w`` deadline) before :meth:`DowntimeProbe.stop`:
+    #: ping stopped on its own (its packet count) before :meth:`DowntimeProbe.stop`:
     #: the probe may not have covered the whole event
     deadline_hit: bool = False
     #: Unix time of the last reply (None: no reply at all)
@@ -161,7 +161,7 @@ _PR_SET_PDEATHSIG = 1
 class DowntimeProbe:
     """Pings ``address`` from namespace ``netns`` every ``interval`` seconds (1 ms
     by default; intervals below 2 ms need root) with iputils ``ping -D``, for at
-    most ``max_seconds`` (ping's own ``-w`` deadline, so it always ends by itself).
+    most about ``max_seconds`` (a packet count, so it always ends by itself).
 
     Use around the event to measure::
 
@@ -199,7 +199,11 @@ class DowntimeProbe:
     def argv(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns, "ping", "-n", "-D",
                 "-i", f"{self.interval:g}", "-W", f"{self.reply_timeout:g}",
-                "-w", str(math.ceil(self.max_seconds)), self.address]
+                # a count, not a deadline (-w): with a deadline iputils ping stops at
+                # the first error, and a guest that is down for a while (a cold move)
+                # makes "host unreachable" errors; the count ends it by itself just the
+                # same, after about max_seconds
+                "-c", str(max(1, math.ceil(self.max_seconds / self.interval))), self.address]
 
     @property
     def pid(self) -> int | None:

@@ -274,27 +274,26 @@ class Engine:
             job.decision("needs-operator", reason=why)
             return "needs-operator", why
         if passed:
-            job.pass_point_of_no_return(f"found after: {reason}")
-            try:
-                await self._forward()
-            except NeedsOperator as again:
-                job.decision("needs-operator", reason=str(again))
-                return "needs-operator", str(again)
-            job.note(f"finished forward after: {reason}")
-            return "completed", None
+            return await self._finish_forward(reason, f"found after: {reason}")
         try:
             await self._rollback(reason)
         except PointOfNoReturnPassed as passed_now:
             # QEMU completed while the job failed: the destination has the guest
-            job.pass_point_of_no_return(f"{passed_now} (found during the rollback)")
-            try:
-                await self._forward()
-            except NeedsOperator as again:
-                job.decision("needs-operator", reason=str(again))
-                return "needs-operator", str(again)
-            job.note(f"finished forward after: {reason}")
-            return "completed", None
+            return await self._finish_forward(reason, f"{passed_now} (found during the "
+                                                      "rollback)")
         return ("cancelled" if isinstance(exc, Cancelled) else "failed"), reason
+
+    async def _finish_forward(self, reason: str, why: str) -> tuple[str, str | None]:
+        """The point of no return passed although the job failed (``reason``): finish."""
+        job = self.job
+        job.pass_point_of_no_return(why)
+        try:
+            await self._forward()
+        except NeedsOperator as again:
+            job.decision("needs-operator", reason=str(again))
+            return "needs-operator", str(again)
+        job.note(f"finished forward after: {reason}")
+        return "completed", None
 
     async def _settle(self) -> bool | None:
         """Has the point of no return passed? Asked a few times: a host that does not
@@ -387,6 +386,9 @@ class Engine:
         report.status = status  # type: ignore[assignment]
         report.error = error
         report.phase = job.state.phase.value
+        memory = report.memory.bytes if report.memory is not None else None
+        if memory is not None or report.disks:  # everything that crossed the network
+            report.bytes_transferred = (memory or 0) + sum(d.wire_bytes for d in report.disks)
         job.tolerant = True
         job.audit("end", {"status": status, "error": error,
                           "observed_downtime_ms": report.observed_downtime_ms,

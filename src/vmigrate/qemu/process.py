@@ -154,6 +154,12 @@ async def vm_state(host: Host, host_cfg: HostConfig, name: str) -> VmState:
             status = await qmp.query_status()
     except (HostError, QmpError):
         return VmState.UNKNOWN
+    return run_state(status)
+
+
+def run_state(status: str) -> VmState:
+    """The :class:`VmState` of QEMU's ``query-status`` answer: held, suspended or
+    stopped on an I/O error is paused; what else QEMU may say is unknown."""
     try:
         return VmState(status)
     except ValueError:

@@ -38,7 +38,6 @@ from vmigrate.drivers.base import Driver
 from vmigrate.drivers.qemu import QemuDriver
 from vmigrate.errors import (
     ConflictError,
-    SpecError,
     StoreError,
     UserError,
     VmigrateError,
@@ -249,11 +248,6 @@ class MigrationService:
                                         compress=opts.compress, tls=opts.tls))
             if self.inventory.host(req.dest).migration_address is None:
                 raise UserError(f"host {req.dest} has no migration_address in the inventory")
-        if opts.target_storage is not None and opts.target_storage not in (
-                self.inventory.host(req.dest).pools):
-            known = ", ".join(sorted(self.inventory.host(req.dest).pools)) or "none"
-            raise SpecError(f"host {req.dest} has no storage pool {opts.target_storage!r} "
-                            f"(its pools: {known})")
         return opts
 
     # -- the mode and its prediction -------------------------------------------------
