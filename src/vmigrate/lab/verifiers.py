@@ -60,6 +60,7 @@ class GuestReady(Verifier):
     """Cold and warm: the guest booted on the destination and says so."""
 
     name = "guest-ready"
+    waits_for_boot = True
 
     async def after_switch(self, job: Job) -> Check | None:
         if job.state.memory != "offline" or not job.state.source_was_running:
@@ -80,6 +81,7 @@ class PingProbe(Verifier):
     """A 1 ms ping across the switch (see the module doc)."""
 
     name = "ping"
+    waits_for_boot = True
 
     def __init__(self, netns: str, address: str) -> None:
         self.netns = netns

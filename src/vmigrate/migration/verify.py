@@ -56,6 +56,9 @@ class Verifier:
 
     #: the check's name in the report
     name: str = "verifier"
+    #: its after-switch wait is the guest booting (cold, warm): time that belongs to the
+    #: migration (its downtime), not to checking it afterwards
+    waits_for_boot: bool = False
 
     async def before_switch(self, job: Job) -> None:
         """Note what to compare against (in ``job.state.notes[self.name]``)."""
