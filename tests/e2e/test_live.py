@@ -85,7 +85,13 @@ def guest(lab: Lab) -> Iterator[list[str]]:
     """Names of VMs the test created; all destroyed afterwards wherever they run."""
     names: list[str] = []
     yield names
+    jobs = lab.cli_json("job", "list", "--active")
+    assert isinstance(jobs, list)
     for name in names:
+        # a job left waiting for an operator keeps both QEMUs: settle it to clean up
+        for j in jobs:
+            if j["vm"] == name and j["status"] == "needs-operator":
+                lab.cli("job", "resolve", j["id"], "--keep", "destination", "--yes")
         lab.cli("vm", "destroy", name)
     assert qemu_pids(lab) == []
 

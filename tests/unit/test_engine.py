@@ -31,7 +31,7 @@ import pytest
 from vmigrate.audit.log import AuditLog, read, verify
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.drivers.base import Driver
-from vmigrate.errors import StoreError
+from vmigrate.errors import ConflictError, StoreError
 from vmigrate.migration.job import Timing
 from vmigrate.migration.report import MigrationReport
 from vmigrate.qemu.spec import DiskSpec, NicSpec, VMSpec
@@ -392,3 +392,39 @@ async def run_with_crash_only(w: World) -> tuple[bool, MigrationReport | None]:
         return False, await w.migrate()
     except ControllerCrash:
         return True, None
+
+
+# -- an operator settles what vmigrate cannot -------------------------------------------
+
+
+async def _needs_operator(w: World) -> Any:
+    """A live migration whose destination guest is found paused after the switch."""
+    def pause_it() -> None:
+        w.cluster.host("h2").vms[VM].run_state = "paused"
+
+    w.cluster.inject(Fault("cancel", host="h2", call="vm_state", on_cancel=pause_it,
+                           when=lambda: w.phase() == "finish" and _pnr(w)))
+    report = await w.migrate()
+    assert report.status == "needs-operator", report.error
+    job = w.job()
+    assert job.locks_vm and w.has_process("h1") and w.has_process("h2")
+    return job
+
+
+@pytest.mark.parametrize("keep", ["destination", "source"])
+async def test_an_operator_resolves_a_job_waiting_for_them(shm: Path, keep: str) -> None:
+    w = World(shm, "live")
+    job = await _needs_operator(w)
+    with pytest.raises(ConflictError):  # the VM stays locked meanwhile
+        await w.service().migrate(MigrationRequest(vm=VM, dest="h1", mode="live"))
+    done = await w.service().resolve(w.store.get_job(job.id), keep)  # type: ignore[arg-type]
+    job = w.store.get_job(job.id)
+    assert not job.locks_vm and w.cluster.split_brain == []
+    if keep == "destination":
+        assert (done.outcome, w.store.get_vm(VM).host) == ("completed", "h2")
+        assert w.has_process("h2") and not w.has_process("h1")
+    else:
+        assert (done.outcome, w.store.get_vm(VM).host) == ("failed", "h1")
+        assert w.runs_on("h1") and not w.has_process("h2")
+    with pytest.raises(ConflictError):  # only a job waiting for an operator
+        await w.service().resolve(job, "destination")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +12,7 @@ from rich.table import Table
 from vmigrate.audit.log import AuditLog
 from vmigrate.cli._common import CTX, err, out, print_json, run, survive_terminal
 from vmigrate.config import state_home
-from vmigrate.errors import ConflictError
+from vmigrate.errors import ConflictError, UserError
 from vmigrate.migration.report import MigrationReport, load_report
 from vmigrate.plan.predict import measured_figures
 from vmigrate.progress import Event
@@ -370,3 +371,41 @@ def job_recover(
                       highlight=False)
     if any(r.outcome == "skipped" for r in done):
         raise typer.Exit(1)
+
+
+@job_app.command("resolve")
+def job_resolve(
+    job_id: Annotated[str, typer.Argument(help="Job waiting for an operator.")],
+    keep: Annotated[str, typer.Option(
+        "--keep", help="destination: the guest stays where it runs now (the source QEMU "
+        "is stopped and released); source: the destination QEMU is stopped and the guest "
+        "runs on the source again (resumed, or booted from its own disks).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking (needed "
+                                      "without a terminal).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Settle by hand a job that waits for an operator (needs-operator), once you have
+    looked at both hosts: keep the guest on the destination or on the source. The VM
+    is unlocked afterwards. No image is deleted.
+
+    Keeping the source after the point of no return resurrects the guest as it was
+    when it left: on shared storage the destination may have written to its disks
+    since. 'vmigrate job recover' is the automatic way (it finishes or rolls back what
+    the hosts allow); this is for what it cannot decide.
+    """
+    if keep not in ("destination", "source"):
+        raise typer.BadParameter("use destination or source", param_hint="--keep")
+    store = CTX.store()
+    job = store.get_job(job_id)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError("resolving a job asks for confirmation: pass --yes")
+        host = job.source if keep == "source" else job.dest
+        typer.confirm(f"keep {job.vm} on the {keep} ({host}) and unlock it?", abort=True,
+                      err=True)
+    service = MigrationService(CTX.inventory(), store, _audit())
+    r = run(service.resolve(job, "source" if keep == "source" else "destination"))
+    if as_json:
+        print_json(r.as_dict())
+    else:
+        out.print(f"job {r.job} ({r.vm}): {r.outcome}: {r.detail}", highlight=False)

@@ -150,6 +150,43 @@ class Engine:
         self._end(status, error)
         return job.report
 
+    async def resolve(self, keep: Literal["destination", "source"]) -> MigrationReport:
+        """An operator settles a job waiting for them: keep the guest on the destination
+        (the source QEMU is stopped and released) or on the source (the destination
+        QEMU is stopped; the source resumes, or boots from its own disks). Images are
+        never deleted: what the job copied stays on the destination."""
+        job, st = self.job, self.job.state
+        job.tolerant = True
+        job.audit("resolve", {"keep": keep, "phase": st.phase.value})
+        if keep == "destination":
+            await self.storage.moved(job)
+            if await job.src.vm_exists(job.vm):
+                await job.src.stop_vm(st.spec, force=True)
+            await job.src.remove_vm_dir(job.vm)
+            job.note("resolved by the operator: the guest stays on the destination")
+            status: str = "completed"
+        else:
+            if await job.dst.vm_exists(job.vm):
+                await job.dst.stop_vm(st.dest_spec, force=True)
+            await job.dst.remove_vm_dir(job.vm)
+            state = await job.src.vm_state(job.vm)
+            if state == VmState.STOPPED:
+                await job.src.start_vm(st.spec)
+            elif state != VmState.RUNNING:
+                mon = job.src_monitor()
+                if await mon.run_state() == "shutdown":  # powered off, kept (warm)
+                    await mon.set_shutdown_action("poweroff")
+                    await mon.reset()
+                await mon.resume()
+            job.store.move_vm(job.vm, st.source, st.spec.model_dump_json())
+            st.vm_moved = False
+            job.save()
+            job.note("resolved by the operator: the guest is back on the source; what the "
+                     f"job copied to {job.dst.name} was kept")
+            status = "failed"
+        self._end(status, job.report.error)
+        return job.report
+
     # -- up to the point of no return ------------------------------------------------
 
     async def _until_point_of_no_return(self) -> None:

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -389,6 +389,24 @@ class MigrationService:
         out = await self._run(state, report, lambda engine: engine.recover(why))
         return Recovery(j.id, j.vm, phase, out.status,
                         out.error or "; ".join(out.notes) or "settled")
+
+
+    async def resolve(self, j: JobRecord, keep: Literal["destination", "source"]
+                      ) -> Recovery:
+        """An operator's decision for a job waiting for one (see
+        :meth:`~vmigrate.migration.engine.Engine.resolve`)."""
+        if j.status != NEEDS_OPERATOR:
+            raise ConflictError(f"job {j.id} is {j.status}: only a job waiting for an operator "
+                                "is resolved by hand ('job cancel' a running one, 'job "
+                                "recover' one whose controller died)")
+        if j.state is None:
+            raise StoreError(f"job {j.id} has no saved state; settle it by hand")
+        state = JobState.model_validate_json(j.state)
+        report = load_report(j.report) if j.report else MigrationReport(
+            job=j.id, vm=j.vm, mode=j.mode, source=j.source, dest=j.dest)
+        self.store.reopen_job(j.id, os.getpid())
+        out = await self._run(state, report, lambda engine: engine.resolve(keep))
+        return Recovery(j.id, j.vm, state.phase.value, out.status, "; ".join(out.notes))
 
 
 def _options_dict(opts: JobOptions) -> dict[str, Any]:
