@@ -24,7 +24,7 @@ from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
 from vmigrate.lab.probe import ping
 from vmigrate.lab.records import last_acks, verify_diskwrite_records
 from vmigrate.plan.capabilities import MigrationOptions
-from vmigrate.plan.policy import BUILTIN
+from vmigrate.plan.policy import BUILTIN, DEFAULT_POLICY
 from vmigrate.progress import Event, lines
 from vmigrate.service.assess import Assessor
 from vmigrate.service.migrations import MigrationRequest, MigrationService
@@ -85,7 +85,7 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
             summary["ping"] = {"sent": result.sent, "received": result.received,
                                "rtt_avg_ms": result.rtt_avg_ms}
         _step(f"assessing {GUEST} and the link h1 -> h2, then predicting every mode")
-        opts = MigrationOptions(policy=BUILTIN["balanced"])
+        opts = MigrationOptions(policy=BUILTIN[DEFAULT_POLICY])
         async with Assessor(inv, store,
                             progress=lines(lambda m: err.print(f"   [dim]{m}[/]"))) as a:
             assessment = await a.assess(GUEST, dest="h2")
@@ -93,11 +93,11 @@ async def _guest(home: Path, summary: dict[str, Any]) -> None:
         render_plan(plan, err)
         summary["plan"] = plan.as_dict()
         _step(f"live-migrating {GUEST} h1 -> h2 over {LINK_RATE} TLS links, dirtying memory "
-              "faster than the link (policy balanced)")
+              "faster than the link (policy {DEFAULT_POLICY}: planned from the assessment)")
         prediction = (prediction_record(plan, "live", chosen_by="operator")
                       if plan.predictions["live"].feasible else None)
         report = await _service(inv, store, home).migrate(
-            MigrationRequest(vm=GUEST, dest="h2", mode="live", policy="balanced"),
+            MigrationRequest(vm=GUEST, dest="h2", mode="live"),
             prediction=prediction)
         summary["migration"] = report.model_dump(mode="json")
         _step(f"destroying {GUEST}")
@@ -130,7 +130,7 @@ async def _online(inv: Inventory, store: Store, svc: VmService, home: Path,
     _step(f"online-migrating {DISK_GUEST} h1 -> h2: disk copied over NBD (TLS) into h2's "
           "local pool, then memory")
     report = await _service(inv, store, home).migrate(
-        MigrationRequest(vm=DISK_GUEST, dest="h2", mode="online", policy="balanced"))
+        MigrationRequest(vm=DISK_GUEST, dest="h2", mode="online"))
     data = report.model_dump(mode="json")
     summary["online"] = data
     if report.status == "completed":

@@ -14,6 +14,7 @@ from vmigrate.cli._common import CTX, err, out, print_json, run, survive_termina
 from vmigrate.config import state_home
 from vmigrate.errors import ConflictError, UserError
 from vmigrate.migration.report import MigrationReport, load_report
+from vmigrate.plan.policy import DEFAULT_POLICY
 from vmigrate.plan.predict import measured_figures
 from vmigrate.progress import Event
 from vmigrate.service.migrations import (
@@ -204,10 +205,13 @@ def migrate(
         "--delete-source", help="online/cold/warm: delete the source images once the VM "
         "runs on the destination (kept by default).")] = False,
     policy: Annotated[str, typer.Option(
-        help="Convergence policy: balanced, minimal-downtime, postcopy, suspend, or one "
-        "defined under policies in the inventory.")] = "balanced",
+        help="Convergence policy: adaptive (plans the path from the latest assessment "
+        "and each pass), or a fixed schedule: balanced, minimal-downtime, postcopy, "
+        "suspend, or one defined under policies in the inventory "
+        "(docs/POLICIES.md).")] = DEFAULT_POLICY,
     downtime_ms: Annotated[int | None, typer.Option(
-        help="Starting downtime limit in ms (overrides the policy's).")] = None,
+        help="Downtime limit in ms (overrides the policy's): the starting limit of a "
+        "fixed policy, the most an adaptive one may take.")] = None,
     bandwidth: Annotated[str | None, typer.Option(
         help="Bandwidth cap, bytes/s (100M, 1G) or bits (800mbit).")] = None,
     parallel: Annotated[int | None, typer.Option(

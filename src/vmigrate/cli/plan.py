@@ -15,7 +15,7 @@ from vmigrate.config import Inventory
 from vmigrate.errors import UserError
 from vmigrate.plan.assessment import Assessment, DirtyWindow
 from vmigrate.plan.capabilities import MigrationOptions
-from vmigrate.plan.policy import load_policies, parse_bandwidth, resolve_policy
+from vmigrate.plan.policy import DEFAULT_POLICY, load_policies, parse_bandwidth, resolve_policy
 from vmigrate.plan.window import WindowAdvice, best_window
 from vmigrate.progress import lines
 from vmigrate.service.assess import AssessOptions, Assessor
@@ -215,7 +215,7 @@ def plan(
         "--window", help="Instead: the time of day with the lowest predicted dirty rate "
         "and migration cost, from the stored assessment history.")] = False,
     policy: Annotated[str, typer.Option(help="Convergence policy for live/online.")
-                      ] = "balanced",
+                      ] = DEFAULT_POLICY,
     bandwidth: Annotated[str | None, typer.Option(
         help="Bandwidth cap the migration would run under (100M, 800mbit).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(

@@ -41,11 +41,12 @@ from vmigrate.migration.job import Job, PointOfNoReturnPassed, undo_action
 from vmigrate.migration.report import MemoryFigures, StepEntry
 from vmigrate.migration.state import MemoryKind
 from vmigrate.migration.storage import StorageStrategy, on_free_port
+from vmigrate.plan.adaptive import AdaptiveController, make_controller
 from vmigrate.plan.capabilities import MigrationOptions, MigrationSetup, plan_setup
 from vmigrate.plan.convergence import (
     Abort,
     Action,
-    ConvergenceController,
+    Controller,
     PauseGuest,
     Sample,
     SetParameters,
@@ -54,6 +55,9 @@ from vmigrate.plan.convergence import (
 from vmigrate.plan.policy import describe
 from vmigrate.progress import Event
 from vmigrate.qemu.process import VmState
+
+#: bytes/s assumed for the link until QEMU measures it (no assessment, no cap): 1 Gbit/s
+UNKNOWN_LINK = 125_000_000
 
 
 class MemoryStrategy(ABC):
@@ -92,9 +96,7 @@ class MemoryStrategy(ABC):
 
 
 def migration_options(job: Job) -> MigrationOptions:
-    o = job.opts
-    return MigrationOptions(policy=o.policy, downtime_ms=o.downtime_ms, bandwidth=o.bandwidth,
-                            parallel=o.parallel, compress=o.compress, tls=o.tls)
+    return job.opts.memory_options()
 
 
 async def _wait_status(mon: Monitor, wanted: set[str], timeout: float, poll: float,
@@ -188,11 +190,31 @@ class PreCopy(MemoryStrategy):
 
     # -- perform
 
+    @staticmethod
+    def _controller(job: Job, setup: MigrationSetup) -> Controller:
+        """The policy's controller: an adaptive one plans from the assessment the job
+        started with (or, without one, from the first pass)."""
+        o = job.opts
+        ram = float(job.state.spec.memory_mib << 20)
+        start = o.assessed.situation() if o.assessed is not None else None
+        return make_controller(
+            migration_options(job), setup, start=start,
+            wss=start.wss if start is not None else ram,
+            bandwidth=start.bandwidth if start is not None else float(
+                o.bandwidth or UNKNOWN_LINK))
+
+    @staticmethod
+    def _audit_plan(job: Job, controller: Controller | None) -> None:
+        """Every change of path an adaptive controller made: a decision, with its figures."""
+        if isinstance(controller, AdaptiveController):
+            for d in controller.take_decisions():
+                job.decision("path", **d)
+
     async def perform(self, job: Job, storage: StorageStrategy) -> None:
         st = job.state
         setup = self._setup(job)
         mon = job.src_monitor()
-        controller = ConvergenceController(migration_options(job), setup)
+        controller = self._controller(job, setup)
         if job.opts.tls:
             job.register("remove-source-tls")
             await mon.add_tls(st.tls_id, str(job.src.config.tls_path), "client")
@@ -212,10 +234,11 @@ class PreCopy(MemoryStrategy):
         with mon.events("MIGRATION") as events:
             await mon.migrate(st.uri)
             job.decision("migrate", uri=st.uri)
+            self._audit_plan(job, controller)
             await self._drive(job, storage, controller, events)
 
     async def _drive(self, job: Job, storage: StorageStrategy,
-                     controller: ConvergenceController | None, events: Any) -> None:
+                     controller: Controller | None, events: Any) -> None:
         """Sample the source until QEMU reports the migration completed, applying the
         policy, handing the disks over at the pre-switchover pause, passing the point
         of no return at the post-copy switch, recovering a post-copy whose link
@@ -289,7 +312,9 @@ class PreCopy(MemoryStrategy):
                     f"the migration link stalled: no bytes moved for {now - last_move:.0f}s "
                     f"(is the link between {job.src.name} and {job.dst.name} down?)")
             if controller is not None and not st.pnr:
-                for action in controller.observe(sample):
+                actions = controller.observe(sample)
+                self._audit_plan(job, controller)  # the plan before what it does
+                for action in actions:
                     await self._apply(job, action)
                     if isinstance(action, StartPostcopy):
                         postcopy_at = time.monotonic()

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vmigrate.plan.adaptive import Situation
+from vmigrate.plan.capabilities import MigrationOptions
 from vmigrate.plan.policy import BUILTIN, DEFAULT_POLICY, Policy
 from vmigrate.qemu.spec import VMSpec
 
@@ -78,6 +80,21 @@ class DiskState(_Model):
     created: bool = False
 
 
+class Assessed(_Model):
+    """What the latest assessment said of the guest's memory, for an adaptive policy's
+    first plan (bytes, bytes/s; ``at``: when it was measured, epoch seconds)."""
+
+    first_pass: float = Field(ge=0)
+    dirty_rate: float = Field(ge=0)
+    wss: float = Field(ge=0)
+    bandwidth: float = Field(gt=0)
+    at: float
+
+    def situation(self) -> Situation:
+        return Situation(remaining=self.first_pass, dirty_rate=self.dirty_rate, wss=self.wss,
+                         bandwidth=self.bandwidth)
+
+
 class JobOptions(_Model):
     """What the operator asked for, kept with the job (recovery needs it too)."""
 
@@ -104,6 +121,20 @@ class JobOptions(_Model):
     cutover_at: float | None = Field(default=None, allow_inf_nan=False)
     cipher: Literal["aes-256-gcm", "sm4-gcm"] = "aes-256-gcm"
     compress_disks: str = "auto"
+    #: the VM's tier when the job started, and what it allows the memory migration
+    tier: str | None = None
+    tier_max_downtime_ms: float | None = None
+    postcopy_allowed: bool = True
+    #: an adaptive policy's starting point (None: no assessment, the first pass measures)
+    assessed: Assessed | None = None
+
+    def memory_options(self) -> MigrationOptions:
+        """The options of the memory stream (live, online)."""
+        return MigrationOptions(policy=self.policy, downtime_ms=self.downtime_ms,
+                                bandwidth=self.bandwidth, parallel=self.parallel,
+                                compress=self.compress, tls=self.tls,
+                                postcopy_allowed=self.postcopy_allowed,
+                                max_downtime_ms=self.tier_max_downtime_ms)
 
 
 class JobState(_Model):

@@ -89,6 +89,10 @@ class MigrationOptions:
     #: zstd compresses multifd channels (needs parallel); xbzrle is its own capability
     compress: Literal["zstd", "xbzrle"] | None = None
     tls: bool = True
+    #: the VM's tier allows post-copy (an adaptive policy plans it only then)
+    postcopy_allowed: bool = True
+    #: the most downtime the VM's tier accepts (ms); an adaptive policy stays within it
+    max_downtime_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,9 @@ def plan_setup(
     ``postcopy-ram`` is enabled only when the policy has a ``postcopy`` step; a
     ``timeout_action = "complete"`` never enables it by itself (without it, or
     with ``--parallel``, completing means pausing the guest). ``auto-converge``
-    is enabled, held at 1 %, when the policy has a ``throttle`` step.
+    is enabled, held at 1 %, when the policy has a ``throttle`` step. An adaptive
+    policy gets both (post-copy only when ``postcopy_allowed`` and without
+    ``--parallel``): its planner may need either at any pass.
 
     Raises :class:`SpecError` for what QEMU cannot do, with what to change:
     multifd (``--parallel``) with a post-copy step or with XBZRLE, zstd without
@@ -157,6 +163,12 @@ def plan_setup(
         )
     postcopy = policy.uses_postcopy
     throttle = policy.uses_throttle
+    if policy.adaptive:
+        # the planner may switch to post-copy or throttle at any pass: both are enabled
+        # before migrate (capabilities cannot change later), post-copy only where it may
+        # be used (the tier allows it, no multifd)
+        postcopy = opts.postcopy_allowed and parallel is None
+        throttle = True
     if parallel is not None:
         if postcopy:
             raise SpecError(

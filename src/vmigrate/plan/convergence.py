@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from vmigrate.plan.capabilities import MigrationOptions, MigrationSetup, throttle_parameters
 from vmigrate.plan.policy import Step
@@ -37,6 +37,7 @@ from vmigrate.plan.policy import Step
 __all__ = [
     "Abort",
     "Action",
+    "Controller",
     "ConvergenceController",
     "PauseGuest",
     "Sample",
@@ -177,6 +178,18 @@ class StepRecord:
     step: int | None = None
     #: False when the step was skipped (detail says why)
     taken: bool = True
+
+
+class Controller(Protocol):
+    """What drives a memory migration: the schedule follower below, or the adaptive
+    planner (:class:`vmigrate.plan.adaptive.AdaptiveController`)."""
+
+    def initial_parameters(self) -> dict[str, object]: ...
+
+    def observe(self, sample: Sample) -> list[Action]: ...
+
+    @property
+    def history(self) -> list[StepRecord]: ...
 
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled", "cancelling"})

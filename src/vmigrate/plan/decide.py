@@ -167,6 +167,9 @@ class Tier(_Frozen):
     require_audit: bool = False
     #: live/online without TLS credentials (plain text) are not allowed
     require_encryption: bool = False
+    #: the memory migration may switch to post-copy (the guest then runs on the
+    #: destination before all its memory is there: a failed link loses it)
+    postcopy: bool = True
 
     @field_validator("vms")
     @classmethod
@@ -500,6 +503,9 @@ def _rule_out(mode: Mode, pred: ModePrediction | None, tier: Tier | None,
         if tier.require_encryption and mode in ("live", "online") and not assessment.tls:
             return True, False, (f"tier {tier.name} requires encryption and the hosts hold "
                                  "no TLS credentials (the stream would be plain text)")
+        if not tier.postcopy and pred.postcopy and mode in ("live", "online"):
+            return True, False, (f"tier {tier.name} forbids post-copy and the policy is "
+                                 "predicted to need it")
         limit = tier.max_downtime_ms
         if limit is not None and pred.figures.downtime_ms > limit:
             return True, False, (f"predicted downtime {_fmt_ms(pred.figures.downtime_ms)} is "
@@ -594,6 +600,8 @@ def _tier_sentence(vm: str, tier: Tier | None) -> str:
         text += f", with at most {_fmt_ms(tier.max_downtime_ms)} downtime"
     if tier.require_encryption:
         text += ", encrypted streams only"
+    if not tier.postcopy:
+        text += ", no post-copy"
     text += "."
     if tier.require_audit:
         text += " It requires an audited migration: this one is written to the audit log."

@@ -109,6 +109,10 @@ class Policy(_Frozen):
     #: RARP) this many times, the first after ``announce_initial_ms``, each next one
     #: ``announce_step_ms`` later than the one before, at most ``announce_max_ms`` apart,
     #: so switches learn the guest's new port even when the hosts are loaded
+    #: plan the path from the models instead of following ``steps``
+    #: (:mod:`vmigrate.plan.adaptive`): ``downtime_ms`` is then the most downtime the
+    #: migration may take, and the controller chooses the lowest limit that converges
+    adaptive: bool = False
     announce_rounds: int = Field(default=8, ge=1, le=100)
     announce_initial_ms: int = Field(default=50, ge=1, le=100_000)
     announce_step_ms: int = Field(default=100, ge=1, le=100_000)
@@ -129,6 +133,8 @@ class Policy(_Frozen):
         for step in self.steps[:-1]:
             if step.action == "abort":
                 raise ValueError("an abort step must be the last step (nothing runs after it)")
+        if self.adaptive and self.steps:
+            raise ValueError("an adaptive policy plans its own steps: give it no steps")
         return self
 
     @property
@@ -144,6 +150,18 @@ class Policy(_Frozen):
 
 def _builtin() -> dict[str, Policy]:
     policies = [
+        Policy(
+            name="adaptive",
+            description="Plans the path from the prediction models (the latest assessment, "
+            "then what each pass measured): plain pre-copy at the lowest downtime limit that "
+            "converges in good time, else the fastest of throttling, post-copy (where the "
+            "tier allows it) or pausing, within a downtime of at most 300 ms; plans again "
+            "after every pass; at 10 min force completion.",
+            adaptive=True,
+            downtime_ms=300,
+            timeout_s=600,
+            timeout_action="complete",
+        ),
         Policy(
             name="balanced",
             description="Pre-copy at a 50 ms limit (a converging guest pauses briefly); on "
@@ -193,7 +211,7 @@ def _builtin() -> dict[str, Policy]:
 
 #: the built-in policies by name
 BUILTIN: dict[str, Policy] = _builtin()
-DEFAULT_POLICY = "balanced"
+DEFAULT_POLICY = "adaptive"
 
 
 # -- bandwidth ------------------------------------------------------------------------------
@@ -279,7 +297,11 @@ def describe(policy: Policy) -> str:
     e.g. ``balanced: downtime 300 ms, no bandwidth cap; 2 stalls -> downtime 600 ms; ...``
     """
     cap = "no bandwidth cap" if policy.bandwidth is None else f"max {_human_rate(policy.bandwidth)}"
-    parts = [f"{policy.name}: downtime {policy.downtime_ms} ms, {cap}"]
+    if policy.adaptive:
+        parts = [f"{policy.name}: adaptive, downtime at most {policy.downtime_ms} ms, {cap}; "
+                 "the path is planned from the models and again after every pass"]
+    else:
+        parts = [f"{policy.name}: downtime {policy.downtime_ms} ms, {cap}"]
     for i, step in enumerate(policy.steps):
         more = "" if i == 0 else " more"
         stalls = "stall" if step.after_stalls == 1 else "stalls"

@@ -86,6 +86,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vmigrate.plan.adaptive import Situation, make_controller
 from vmigrate.plan.assessment import (
     MODES,
     Assessment,
@@ -95,7 +96,6 @@ from vmigrate.plan.assessment import (
     ModePrediction,
 )
 from vmigrate.plan.capabilities import MigrationOptions, MigrationSetup, plan_setup
-from vmigrate.plan.convergence import ConvergenceController
 from vmigrate.plan.policy import Policy
 from vmigrate.plan.simulate import SimRun, SimulatedMigration, drive_sparse
 
@@ -110,6 +110,7 @@ __all__ = [
     "HistoryEntry",
     "Priors",
     "calibrate",
+    "live_start",
     "measured_figures",
     "predict",
 ]
@@ -302,7 +303,12 @@ def _simulate_live(opts: MigrationOptions, setup: MigrationSetup, *, ram: float,
         setup, ram=round(ram), link_rate=link_rate, dirty_rate=dirty_rate, wss=wss,
         switchover_ms=priors.switchover_ms, postcopy_switch_ms=priors.postcopy_switch_ms,
         fast=True)
-    controller = ConvergenceController(opts, setup)
+    # an adaptive policy plans from these figures as it would from the assessment
+    controller = make_controller(
+        opts, setup, start=Situation(remaining=ram, dirty_rate=dirty_rate, wss=wss,
+                                     bandwidth=link_rate),
+        wss=wss, bandwidth=link_rate, switchover_ms=priors.switchover_ms,
+        postcopy_switch_ms=priors.postcopy_switch_ms)
     run = drive_sparse(controller, mig, timeout_s=policy.timeout_s, limit_s=limit)
     finished = run.status == "completed"
     aborts = run.status in ("cancelled", "failed")
@@ -336,6 +342,17 @@ def _live_inputs(a: Assessment, priors: Priors) -> tuple[float, int, list[str]]:
         notes.append(f"first pass = {priors.first_pass_fraction:g} x {_size(a.memory_bytes)} "
                      "of RAM (zero pages cost next to nothing)")
     return ram, wss, notes
+
+
+def live_start(a: Assessment, priors: Priors | None = None) -> Situation | None:
+    """Where a memory migration of ``a``'s guest starts, as the adaptive planner sees
+    it (what the models use; None without a measured link)."""
+    if a.link is None:
+        return None
+    priors = priors or DEFAULT_PRIORS
+    ram, wss, _ = _live_inputs(a, priors)
+    return Situation(remaining=ram, dirty_rate=a.dirty_rate, wss=float(wss),
+                     bandwidth=a.link.bandwidth * priors.link_efficiency)
 
 
 def _peak_note(mean: _Live, peak: _Live, peak_rate: float, setup_s: float) -> str:
@@ -561,6 +578,8 @@ def predict(
     shutdown_timeout: float = 60.0,
     calibration: Calibration | None = None,
     priors: Priors = DEFAULT_PRIORS,
+    postcopy_allowed: bool = True,
+    max_downtime_ms: float | None = None,
 ) -> dict[Mode, ModePrediction]:
     """One prediction per mode of :data:`MODES`, for ``a`` under ``policy``.
 
@@ -574,7 +593,8 @@ def predict(
     :func:`~vmigrate.plan.capabilities.plan_setup` does).
     """
     calibration = Calibration() if calibration is None else calibration
-    opts = MigrationOptions(policy=policy, downtime_ms=downtime_ms, bandwidth=bandwidth)
+    opts = MigrationOptions(policy=policy, downtime_ms=downtime_ms, bandwidth=bandwidth,
+                            postcopy_allowed=postcopy_allowed, max_downtime_ms=max_downtime_ms)
     setup = plan_setup(opts, a.qemu_version or _DEFAULT_QEMU)
     out: dict[Mode, ModePrediction] = {}
     for mode in MODES:

@@ -53,7 +53,7 @@ from vmigrate.plan.capabilities import MigrationSetup
 from vmigrate.plan.convergence import (
     Abort,
     Action,
-    ConvergenceController,
+    Controller,
     PauseGuest,
     Sample,
     SetParameters,
@@ -396,7 +396,7 @@ class SimRun:
     paused_at: float | None = None
 
 
-def _observe(controller: ConvergenceController, mig: SimulatedMigration,
+def _observe(controller: Controller, mig: SimulatedMigration,
              samples: list[Sample], actions: list[Action]) -> int:
     sample = mig.sample()
     samples.append(sample)
@@ -406,7 +406,7 @@ def _observe(controller: ConvergenceController, mig: SimulatedMigration,
     return sample.throttle_pct
 
 
-def _run(controller: ConvergenceController, mig: SimulatedMigration, actions: list[Action],
+def _run(controller: Controller, mig: SimulatedMigration, actions: list[Action],
          samples: list[Sample], max_throttle: int) -> SimRun:
     return SimRun(status=mig.status, t=mig.t, downtime_ms=mig.downtime_ms, actions=actions,
                   samples=samples, history=controller.history, max_throttle=max_throttle,
@@ -415,16 +415,20 @@ def _run(controller: ConvergenceController, mig: SimulatedMigration, actions: li
                   paused_at=mig.paused_at)
 
 
-def drive(controller: ConvergenceController, mig: SimulatedMigration, *,
+def drive(controller: Controller, mig: SimulatedMigration, *,
           interval: float = 0.5, limit_s: float = 3600.0) -> SimRun:
     """Sample ``mig`` every ``interval`` s into ``controller`` and apply its actions.
 
-    Stops when the migration ends or after ``limit_s`` simulated seconds.
+    The controller's initial parameters are set first when ``mig`` has not started,
+    as the engine sets them before ``migrate``. Stops when the migration ends or
+    after ``limit_s`` simulated seconds.
     A QmpError from an action propagates (the test sees the bad parameter).
     """
     actions: list[Action] = []
     samples: list[Sample] = []
     max_throttle = 0
+    if mig.t == 0:
+        mig.set_parameters(controller.initial_parameters())  # as the engine does
     while True:
         max_throttle = max(max_throttle, _observe(controller, mig, samples, actions))
         if mig.status in TERMINAL or mig.t >= limit_s or not math.isfinite(mig.t):
@@ -433,7 +437,7 @@ def drive(controller: ConvergenceController, mig: SimulatedMigration, *,
     return _run(controller, mig, actions, samples, max_throttle)
 
 
-def drive_sparse(controller: ConvergenceController, mig: SimulatedMigration, *,
+def drive_sparse(controller: Controller, mig: SimulatedMigration, *,
                  timeout_s: float, interval: float = 0.5, limit_s: float = 3600.0) -> SimRun:
     """:func:`drive`, leaving out the samples the controller cannot act on.
 
@@ -449,6 +453,8 @@ def drive_sparse(controller: ConvergenceController, mig: SimulatedMigration, *,
     actions: list[Action] = []
     samples: list[Sample] = []
     max_throttle = 0
+    if mig.t == 0:
+        mig.set_parameters(controller.initial_parameters())  # as the engine does
     index = 0  # grid position of the current sample: t = index * interval
     timeout_index = math.ceil(timeout_s / interval - _EPS) if math.isfinite(timeout_s) \
         else math.inf

@@ -47,7 +47,7 @@ from vmigrate.migration.engine import Engine
 from vmigrate.migration.job import Job, Timing
 from vmigrate.migration.memory import MEMORY
 from vmigrate.migration.report import MigrationReport, load_report
-from vmigrate.migration.state import MODES, JobOptions, JobState, Mode
+from vmigrate.migration.state import MODES, Assessed, JobOptions, JobState, Mode
 from vmigrate.migration.storage import STORAGE
 from vmigrate.migration.verify import (
     ConsoleCrash,
@@ -55,8 +55,11 @@ from vmigrate.migration.verify import (
     DestinationRuns,
     Verifier,
 )
-from vmigrate.plan.capabilities import MigrationOptions, plan_setup
-from vmigrate.plan.policy import load_policies, resolve_policy
+from vmigrate.plan.adaptive import AdaptiveController, make_controller
+from vmigrate.plan.capabilities import MigrationSetup, plan_setup
+from vmigrate.plan.decide import tier_for
+from vmigrate.plan.policy import DEFAULT_POLICY, load_policies, resolve_policy
+from vmigrate.plan.predict import live_start
 from vmigrate.progress import ProgressFn
 from vmigrate.qemu.spec import VMSpec
 from vmigrate.service.assess import AssessOptions
@@ -65,6 +68,7 @@ from vmigrate.service.planning import (
     VmPlan,
     latest_assessment,
     make_plan,
+    planning_config,
     plans_for,
     prediction_record,
 )
@@ -105,7 +109,7 @@ class MigrationRequest:
     vm: str
     dest: str
     mode: str = "live"
-    policy: str = "balanced"
+    policy: str = DEFAULT_POLICY
     downtime_ms: int | None = None
     #: bytes/s (100M) or bits (800mbit); also each disk's cap in cold/warm
     bandwidth: str | None = None
@@ -241,14 +245,45 @@ class MigrationService:
             raise UserError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
                             ) from exc
         if mode in ("live", "online", "auto"):
+            tier = tier_for(req.vm, planning_config(self.inventory))
+            if tier is not None:
+                opts = opts.model_copy(update={
+                    "tier": tier.name, "tier_max_downtime_ms": tier.max_downtime_ms,
+                    "postcopy_allowed": tier.postcopy})
             # refuse what QEMU cannot do before any job exists (checked again in begin
             # against the source's real QEMU version)
-            plan_setup(MigrationOptions(policy=opts.policy, downtime_ms=opts.downtime_ms,
-                                        bandwidth=opts.bandwidth, parallel=opts.parallel,
-                                        compress=opts.compress, tls=opts.tls))
+            setup = plan_setup(opts.memory_options())
             if self.inventory.host(req.dest).migration_address is None:
                 raise UserError(f"host {req.dest} has no migration_address in the inventory")
+            if opts.policy.adaptive and mode != "auto":
+                opts = self._assessed(req, opts, setup)
         return opts
+
+    def _assessed(self, req: MigrationRequest, opts: JobOptions,
+                  setup: MigrationSetup) -> JobOptions:
+        """An adaptive policy's starting point from the latest assessment of the route;
+        :class:`ConflictError` when the models find no path within the limits (the
+        downtime limit, the tier's rules) for what it measured."""
+        a = latest_assessment(self.store, req.vm, req.dest, max_age=DEFAULT_MAX_AGE_S)
+        start = live_start(a) if a is not None else None
+        if a is None or start is None:
+            return opts
+        controller = make_controller(opts.memory_options(), setup, start=start,
+                                     wss=start.wss, bandwidth=start.bandwidth)
+        assert isinstance(controller, AdaptiveController)
+        refusal = controller.refusal
+        if refusal is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.at))
+            tier = f" (tier {opts.tier})" if opts.tier else ""
+            raise ConflictError(
+                f"policy {opts.policy.name}{tier} refuses to migrate {req.vm}: {refusal}, "
+                f"for what the assessment of {when} measured (dirty rate "
+                f"{a.dirty_rate / 2**20:.1f} MiB/s, link {start.bandwidth / 2**20:.1f} "
+                "MiB/s). Reassess if the guest changed, or choose a fixed policy "
+                "(--policy) or a tier that allows more")
+        return opts.model_copy(update={"assessed": Assessed(
+            first_pass=start.remaining, dirty_rate=start.dirty_rate, wss=start.wss,
+            bandwidth=start.bandwidth, at=a.at)})
 
     # -- the mode and its prediction -------------------------------------------------
 
@@ -260,9 +295,7 @@ class MigrationService:
         matrix's choice (:class:`ConflictError` when no mode is usable); an explicit
         mode is predicted only from an assessment already stored (no delay)."""
         opts = self.options(req)  # a wrong request fails before any measuring
-        mopts = MigrationOptions(policy=opts.policy, downtime_ms=opts.downtime_ms,
-                                 bandwidth=opts.bandwidth, parallel=opts.parallel,
-                                 compress=opts.compress, tls=opts.tls)
+        mopts = opts.memory_options()
         if req.mode == "auto":
             vp = (await plans_for(self.inventory, self.store, [req.vm], req.dest, mopts,
                                   max_age, assess or AssessOptions(), opts.shutdown_timeout,

@@ -17,7 +17,7 @@ from vmigrate.errors import StoreError, UserError
 from vmigrate.migration.report import load_report
 from vmigrate.plan.assessment import Assessment, Figures, Mode, ModePrediction
 from vmigrate.plan.capabilities import MigrationOptions
-from vmigrate.plan.decide import Decision, PlanningConfig, decide, load_planning
+from vmigrate.plan.decide import Decision, PlanningConfig, decide, load_planning, tier_for
 from vmigrate.plan.predict import (
     Calibration,
     HistoryEntry,
@@ -99,11 +99,13 @@ def make_plan(inv: Inventory, store: Store, a: Assessment, opts: MigrationOption
     """Predict every mode for an assessment (calibrated on the store's history)
     and decide. Reads the store only."""
     cal = calibrate(history(store), vm=a.vm)
+    config = config or planning_config(inv)
+    tier = tier_for(a.vm, config)
     preds = predict(a, policy=opts.policy, downtime_ms=opts.downtime_ms,
                     bandwidth=opts.bandwidth, shutdown_timeout=shutdown_timeout,
-                    calibration=cal)
-    decision = decide(a.vm, preds, a, config or planning_config(inv),
-                      track=track_record(store))
+                    calibration=cal, postcopy_allowed=tier is None or tier.postcopy,
+                    max_downtime_ms=None if tier is None else tier.max_downtime_ms)
+    decision = decide(a.vm, preds, a, config, track=track_record(store))
     return VmPlan(a, preds, decision, cal)
 
 

@@ -1,0 +1,295 @@
+"""The adaptive convergence policy (``vmigrate.plan.adaptive``) on plain data: simulated
+guests from idle to ten times the link, against every fixed built-in policy run
+through the same simulation, and through the engine on the fake hypervisor."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from vmigrate.audit.log import read
+from vmigrate.errors import ConflictError
+from vmigrate.plan.adaptive import (
+    AdaptiveController,
+    Limits,
+    Situation,
+    choose,
+    make_controller,
+    max_downtime_ms,
+)
+from vmigrate.plan.assessment import Assessment, DirtyWindow, LinkAssessment
+from vmigrate.plan.capabilities import MigrationOptions, plan_setup
+from vmigrate.plan.decide import Tier
+from vmigrate.plan.policy import BUILTIN, DEFAULT_POLICY, Policy, describe
+from vmigrate.plan.predict import live_start, predict
+from vmigrate.plan.simulate import SimRun, SimulatedMigration, drive_sparse
+
+from .test_engine import World
+
+MiB = 1 << 20
+RAM = 256 * MiB
+#: the built-in fixed schedules an operator could pick instead
+FIXED = ("balanced", "minimal-downtime", "postcopy", "suspend")
+#: guests from idle to ten times the link
+LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5, 2.0, 4.0, 10.0)
+LINKS = (25e6, 125e6)  # 200 mbit, 1 gbit
+LIMIT_MS = BUILTIN["adaptive"].downtime_ms
+
+
+def wss_for(rate: float) -> int:
+    """What a guest dirtying ``rate`` keeps dirty: a few seconds' worth, within RAM."""
+    return int(min(RAM * 0.5, max(4 * MiB, 4 * rate)))
+
+
+def run(policy: str, rate: float, link: float, *, assessed: bool = True,
+        postcopy: bool = True, guest_rate: float | None = None) -> SimRun:
+    """One migration in the simulation the predictions use. ``rate``: what the
+    assessment said; ``guest_rate``: what the guest really does (default the same)."""
+    real = rate if guest_rate is None else guest_rate
+    opts = MigrationOptions(policy=BUILTIN[policy], postcopy_allowed=postcopy)
+    setup = plan_setup(opts)
+    start = Situation(remaining=RAM, dirty_rate=rate, wss=wss_for(rate), bandwidth=link)
+    controller = make_controller(opts, setup, start=start if assessed else None,
+                                 wss=wss_for(rate), bandwidth=link)
+    mig = SimulatedMigration.from_setup(setup, ram=RAM, link_rate=link, dirty_rate=real,
+                                        wss=wss_for(real), switchover_ms=60,
+                                        postcopy_switch_ms=150, fast=True)
+    return drive_sparse(controller, mig, timeout_s=opts.policy.timeout_s, limit_s=3000)
+
+
+def time_of(r: SimRun) -> float:
+    return r.ended_at if r.ended_at is not None else r.t
+
+
+def finished_within(r: SimRun, *, postcopy: bool = True) -> bool:
+    """Completed, within the downtime limit, and (if not allowed) without post-copy."""
+    return (r.status == "completed" and (r.downtime_ms or 0) <= LIMIT_MS
+            and (postcopy or r.postcopy_at is None))
+
+
+def plain(r: SimRun) -> bool:
+    return r.postcopy_at is None and r.paused_at is None and r.max_throttle == 0
+
+
+# -- against the fixed policies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", LINKS, ids=("200mbit", "1gbit"))
+@pytest.mark.parametrize("level", LEVELS)
+def test_adaptive_is_never_slower_than_the_best_fixed_policy(level: float, link: float
+                                                             ) -> None:
+    rate = level * link
+    adaptive = run("adaptive", rate, link)
+    fixed = {name: run(name, rate, link) for name in FIXED}
+    ok = {n: r for n, r in fixed.items() if finished_within(r)}
+    assert ok, "some fixed policy finishes"
+    best = min(time_of(r) for r in ok.values())
+    # never breaks the limit, always finishes
+    assert finished_within(adaptive), (adaptive.status, adaptive.downtime_ms)
+    t = time_of(adaptive)
+    if plain(adaptive):
+        # a converging guest stays in pre-copy: within 10 % of the best fixed policy that
+        # does too, and within the post-copy allowance of any
+        best_plain = min((time_of(r) for r in ok.values() if plain(r)), default=best)
+        assert t <= 1.1 * best_plain + 0.5, (t, best_plain)
+        assert t <= 1.25 * best + 0.5, (t, best)
+        # and at a downtime no fixed policy beats
+        lowest = min(r.downtime_ms or 0 for r in ok.values() if plain(r)) if any(
+            plain(r) for r in ok.values()) else LIMIT_MS
+        assert (adaptive.downtime_ms or 0) <= lowest
+    else:
+        assert t <= 1.1 * best, ({n: time_of(r) for n, r in ok.items()}, t)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_tier_without_postcopy_gets_a_throttle_or_a_refusal(level: float) -> None:
+    link = 25e6
+    rate = level * link
+    start = Situation(remaining=RAM, dirty_rate=rate, wss=wss_for(rate), bandwidth=link)
+    choice = choose(start, Limits(downtime_ms=LIMIT_MS, postcopy=False))
+    fixed = [run(name, rate, link, postcopy=False) for name in FIXED]
+    allowed = [r for r in fixed if finished_within(r, postcopy=False)]
+    if choice.chosen is None:
+        # a refusal only when no fixed schedule would have done it either
+        assert not allowed, [(r.status, r.downtime_ms) for r in allowed]
+        assert "post-copy" in choice.why or "downtime" in choice.why
+        return
+    assert not choice.chosen.postcopy and choice.chosen.downtime_ms <= LIMIT_MS
+    adaptive = run("adaptive", rate, link, postcopy=False)
+    assert adaptive.postcopy_at is None
+    assert finished_within(adaptive, postcopy=False)
+    if allowed:
+        assert time_of(adaptive) <= 1.1 * min(time_of(r) for r in allowed) + 0.5
+
+
+def test_no_tier_rules_are_broken_at_a_tight_limit() -> None:
+    """--downtime 50 on a hot guest without post-copy: nothing fits, so nothing is chosen
+    (the service refuses before the job starts), and the reason names the lowest reach."""
+    start = Situation(remaining=RAM, dirty_rate=100e6, wss=64 * MiB, bandwidth=25e6)
+    choice = choose(start, Limits(downtime_ms=50, postcopy=False))
+    assert choice.chosen is None
+    assert "50 ms" in choice.why or "post-copy" in choice.why
+
+
+@pytest.mark.parametrize("level", (0.0, 0.25, 0.5, 2.0, 4.0))
+def test_without_an_assessment_the_first_pass_is_the_only_cost(level: float) -> None:
+    link = 25e6
+    blind = run("adaptive", level * link, link, assessed=False)
+    balanced = run("balanced", level * link, link)
+    assert finished_within(blind)
+    assert time_of(blind) <= time_of(balanced) + RAM / link
+
+
+# -- downtime as low as the link allows ----------------------------------------------------
+
+
+@pytest.mark.parametrize("level", (0.0, 0.1, 0.25, 0.5))
+def test_a_converging_guest_gets_the_floor(level: float) -> None:
+    link = 25e6
+    start = Situation(remaining=RAM, dirty_rate=level * link, wss=wss_for(level * link),
+                      bandwidth=link)
+    choice = choose(start, Limits(downtime_ms=LIMIT_MS))
+    assert choice.chosen is not None and choice.chosen.plain
+    assert choice.floor_ms is not None
+    assert choice.chosen.downtime_ms == pytest.approx(choice.floor_ms)
+    # below what balanced starts at (50 ms limit + the switchover)
+    assert choice.chosen.downtime_ms < 109
+    assert choice.chosen.path.kind == "precopy"
+
+
+# -- re-planning ---------------------------------------------------------------------------
+
+
+def test_a_guest_hotter_than_assessed_switches_after_the_first_pass() -> None:
+    link = 25e6
+    r = run("adaptive", 0.0, link, guest_rate=4 * link)
+    assert r.status == "completed" and r.postcopy_at is not None
+    # it switched at the first pass end, not after a ladder
+    assert r.postcopy_at < RAM / link + 3
+    changes = [h for h in r.history if h.action == "path"]
+    assert changes[0].detail.startswith("plan: pre-copy")
+    assert any(h.detail.startswith("change: post-copy") for h in changes), changes
+
+
+def test_a_guest_calmer_than_assessed_stays_in_precopy() -> None:
+    link = 25e6
+    r = run("adaptive", 4 * link, link, guest_rate=0.0)
+    assert r.status == "completed"
+    assert r.postcopy_at is None and r.paused_at is None
+
+
+def test_every_change_of_path_is_a_decision_with_its_figures() -> None:
+    link = 25e6
+    opts = MigrationOptions(policy=BUILTIN["adaptive"])
+    setup = plan_setup(opts)
+    controller = make_controller(opts, setup, start=None, wss=RAM, bandwidth=link)
+    assert isinstance(controller, AdaptiveController)
+    mig = SimulatedMigration.from_setup(setup, ram=RAM, link_rate=link, dirty_rate=4 * link,
+                                        wss=64 * MiB, switchover_ms=60, fast=True)
+    drive_sparse(controller, mig, timeout_s=600, limit_s=600)
+    decisions = controller.take_decisions()
+    assert controller.take_decisions() == []  # taken once
+    assert decisions[0]["why"].startswith("no assessment")
+    change = decisions[1]
+    assert change["from"] == "pre-copy at 5 ms" and change["path"] == "post-copy now"
+    assert change["dirty_rate"] > 2 * link and 0.5 * link < change["bandwidth"] <= link
+    assert change["remaining"] > 0 and change["predicted_time_s"] > 0
+    assert "MiB/s dirtied" in change["why"]
+
+
+def test_the_limit_is_the_job_s_and_never_above_the_tier_s() -> None:
+    adaptive = BUILTIN["adaptive"]
+    assert max_downtime_ms(MigrationOptions(policy=adaptive)) == 300
+    assert max_downtime_ms(MigrationOptions(policy=adaptive, downtime_ms=1000)) == 1000
+    assert max_downtime_ms(MigrationOptions(policy=adaptive, downtime_ms=1000,
+                                            max_downtime_ms=200)) == 200
+
+
+# -- the policy as data --------------------------------------------------------------------
+
+
+def test_adaptive_is_the_default_and_plans_its_own_steps() -> None:
+    assert DEFAULT_POLICY == "adaptive" and BUILTIN["adaptive"].adaptive
+    assert "adaptive" in describe(BUILTIN["adaptive"])
+    with pytest.raises(ValueError, match="plans its own steps"):
+        Policy.model_validate({"name": "x", "adaptive": True,
+                               "steps": [{"after_stalls": 1, "action": "pause"}]})
+    for name in FIXED:  # the fixed schedules stay
+        assert not BUILTIN[name].adaptive
+
+
+def test_adaptive_setup_enables_what_the_planner_may_need() -> None:
+    adaptive = BUILTIN["adaptive"]
+    s = plan_setup(MigrationOptions(policy=adaptive))
+    assert s.capabilities["postcopy-ram"] and s.capabilities["auto-converge"] and s.postcopy
+    s = plan_setup(MigrationOptions(policy=adaptive, postcopy_allowed=False))
+    assert not s.capabilities.get("postcopy-ram") and not s.postcopy
+    s = plan_setup(MigrationOptions(policy=adaptive, parallel=2))
+    assert not s.capabilities.get("postcopy-ram")
+
+
+def assessment(rate: float, *, link: float = 25e6) -> Assessment:
+    return Assessment(vm="vm1", host="h1", at=1000.0, memory_bytes=RAM, nonzero_fraction=1.0,
+                      dirty=(DirtyWindow(seconds=4, rate=rate),), dirty_set_bytes=64 * MiB,
+                      link=LinkAssessment(source="h1", dest="h2", bandwidth=link), tls=True)
+
+
+def test_predictions_follow_the_adaptive_plan() -> None:
+    preds = predict(assessment(100e6), policy=BUILTIN["adaptive"])
+    live = preds["live"]
+    assert live.feasible and live.postcopy and live.figures is not None
+    balanced = predict(assessment(100e6), policy=BUILTIN["balanced"])["live"]
+    assert balanced.figures is not None
+    assert live.figures.total_time_s < 0.6 * balanced.figures.total_time_s
+    # a tier without post-copy: never predicted to use it
+    nopc = predict(assessment(100e6), policy=BUILTIN["adaptive"], postcopy_allowed=False)
+    assert not nopc["live"].postcopy
+    start = live_start(assessment(100e6))
+    assert start is not None and start.bandwidth == pytest.approx(25e6 * 0.95)
+
+
+def test_a_tier_can_forbid_postcopy() -> None:
+    assert Tier(name="db", postcopy=False).postcopy is False
+    assert Tier(name="web").postcopy is True
+
+
+# -- through the engine (fake hypervisor) --------------------------------------------------
+
+
+async def test_the_engine_audits_each_path_and_reports_it(tmp_path: Path) -> None:
+    w = World(tmp_path, "live", dirty_rate=500e6, policy="adaptive")
+    w.cluster.set_link_rate("h1", "h2", 25e6)
+    report = await w.migrate()
+    assert report.status == "completed", report.error
+    assert report.memory is not None and report.memory.postcopy
+    paths = [s for s in report.steps if s.action == "path"]
+    assert paths and paths[0].detail.startswith("plan: pre-copy")
+    assert any(s.detail.startswith("change: post-copy") for s in paths)
+    decisions = [r.data for r in read(w.audit.path)
+                 if r.event == "decision" and r.data.get("decision") == "path"]
+    assert len(decisions) == len(paths), decisions
+    assert "dirty_rate" in decisions[-1], decisions[-1]
+
+
+async def test_an_idle_guest_stays_in_precopy(tmp_path: Path) -> None:
+    w = World(tmp_path, "live", dirty_rate=0.0, policy="adaptive")
+    report = await w.migrate()
+    assert report.status == "completed", report.error
+    assert report.memory is not None and not report.memory.postcopy
+
+
+async def test_the_service_refuses_before_the_job_when_nothing_fits(tmp_path: Path) -> None:
+    w = World(tmp_path, "live", dirty_rate=100e6, policy="adaptive")
+    w.inventory = w.inventory.model_copy(update={"tiers": {"db": {
+        "vms": ["vm*"], "postcopy": False}}})
+    a = assessment(100e6).model_copy(update={"at": time.time()})
+    w.store.add_assessment("vm1", "h1", "h2", a.at, json.loads(a.model_dump_json()))
+    svc = w.service()
+    with pytest.raises(ConflictError, match="refuses") as exc:
+        await svc.migrate(w.request(downtime_ms=50))
+    assert "tier db" in str(exc.value)
+    assert w.store.list_jobs(vm="vm1") == []  # nothing started
+    assert w.runs_on("h1")
