@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Live-migration benchmark: vmigrate's default policy against baselines, side by side.
+"""Live-migration benchmark: vmigrate's policies against baselines, side by side.
 
 Runs in a throw-away lab (root), one migration per (link, dirty level, strategy):
 
 * links: 1gbit and 200mbit (tc tbf on both hosts' migration links);
 * dirty levels: idle, 0.5x, 2x and 5x the link rate, asked of the lab guest's
-  memtouch workload in pages/s (the rate the guest reached is measured by QEMU
-  and reported: under TCG the guest cannot reach every level);
+  memtouch workload in pages/s (256 MiB guest, 64 MiB working set), and 4x with
+  a 100 MiB working set (the guest of issue 12; the rate the guest reached is
+  measured by QEMU and reported: under TCG the guest cannot reach every level);
 * strategies, all over the same TLS links:
-    - vmigrate:       the built-in 'balanced' policy (the default);
+    - adaptive:       the default policy, planned from an assessment taken just
+                      before (not counted in its time) and again after every pass;
+    - balanced, minimal-downtime, postcopy: vmigrate's fixed built-in schedules;
     - qemu-defaults:  QEMU 7.2 as started: 300 ms downtime limit, 128 MiB/s cap,
                       pre-copy only;
     - proxmox-like:   auto-converge and XBZRLE from the start, downtime limit
@@ -20,10 +23,14 @@ Runs in a throw-away lab (root), one migration per (link, dirty level, strategy)
   Baselines that do not finish within --budget seconds are cancelled and count
   as not completed (QEMU itself would go on copying).
 
-Each run records completion, total time, QEMU's downtime, the observed downtime
-(longest gap of a 1 ms ping from the probe namespace) and bytes sent.
+Each run records completion, total time, the migration's own time (total less the
+checks of the guest afterwards), QEMU's downtime, the observed downtime (longest
+gap of a 1 ms ping from the probe namespace) and bytes sent; adaptive rows also
+the downtime floor the models computed from the assessment. The summary gives,
+per cell, adaptive's time and bytes as ratios to the best fixed policy's.
 
 Usage: sudo .venv/bin/python bench/live.py [--quick] [--budget 90] [--out FILE]
+       [--only STRATEGY ...] [--link 200mbit] [--level 4x ...]
 """
 
 from __future__ import annotations
@@ -47,16 +54,32 @@ from vmigrate.config import HOME_ENV, Inventory, load_inventory
 from vmigrate.lab.image import build_image
 from vmigrate.lab.links import set_link_rate
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
+from vmigrate.plan.adaptive import Limits, choose
 from vmigrate.plan.policy import BUILTIN, Policy, Step
+from vmigrate.plan.predict import live_start
+from vmigrate.service.assess import Assessor
 from vmigrate.service.migrations import MigrationRequest, MigrationService
 from vmigrate.service.vms import ConsoleFollower, CreateRequest, VmService
 from vmigrate.store import Store
 
 LINKS = {"1gbit": 125_000_000, "200mbit": 25_000_000}
-LEVELS = {"idle": 0.0, "0.5x": 0.5, "2x": 2.0, "5x": 5.0}
 PAGE = 4096
-WSS = "64M"
-MEMORY = "256M"
+
+
+@dataclass(frozen=True)
+class Level:
+    """A dirty level: the share of the link the guest is asked to dirty, and its size."""
+
+    share: float
+    memory: str = "256M"
+    wss: str = "64M"
+
+
+LEVELS = {"idle": Level(0.0), "0.5x": Level(0.5), "2x": Level(2.0),
+          "4x": Level(4.0, wss="100M"), "5x": Level(5.0)}
+#: the fixed schedules adaptive is compared with (the anchors are baselines, not vmigrate's)
+FIXED = ("balanced", "minimal-downtime", "postcopy")
+ANCHORS = ("qemu-defaults", "proxmox-like", "nova-defaults")
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,8 @@ class Strategy:
 
     policy: Policy
     compress: str | None = None
+    #: assess the guest before migrating it (what adaptive plans from)
+    assess: bool = False
 
 
 def strategies(budget: float) -> dict[str, Strategy]:
@@ -80,7 +105,8 @@ def strategies(budget: float) -> dict[str, Strategy]:
         steps=tuple(Step(after_stalls=1, action="downtime", value=50 * i) for i in range(2, 11)),
     )
     return {
-        "vmigrate": Strategy(BUILTIN["balanced"]),
+        "adaptive": Strategy(BUILTIN["adaptive"], assess=True),
+        **{name: Strategy(BUILTIN[name]) for name in FIXED},
         "qemu-defaults": Strategy(qemu),
         "proxmox-like": Strategy(proxmox, compress="xbzrle"),
         "nova-defaults": Strategy(nova),
@@ -100,16 +126,26 @@ async def one_run(home: Path, link: str, level: str, name: str, how: Strategy,
                   index: int) -> dict[str, Any]:
     inv = load_inventory(home / "vmigrate.toml")
     store = Store(home / "vmigrate.db")
-    rate = int(LEVELS[level] * LINKS[link] / PAGE)
-    workload = "idle" if rate == 0 else f"memtouch:wss={WSS},rate={rate}"
+    lv = LEVELS[level]
+    rate = int(lv.share * LINKS[link] / PAGE)
+    workload = "idle" if rate == 0 else f"memtouch:wss={lv.wss},rate={rate}"
     vm = f"b{index}"
+    floor_ms: float | None = None
     async with VmService(inv, store) as svc:
-        await svc.create(CreateRequest(name=vm, host="h1", memory=MEMORY, workload=workload))
+        await svc.create(CreateRequest(name=vm, host="h1", memory=lv.memory,
+                                       workload=workload))
         try:
             console = ConsoleFollower(svc, vm)
             await console.wait("MEMCHECK pass=\\d+ ok" if rate else "VMIGRATE READY",
                                timeout=180)
             await asyncio.sleep(3)  # let the workload reach its rate
+            if how.assess:
+                async with Assessor(inv, store) as assessor:
+                    a = await assessor.assess(vm, dest="h2")
+                start = live_start(a)
+                if start is not None:
+                    floor_ms = choose(start, Limits(downtime_ms=how.policy.downtime_ms)
+                                      ).floor_ms
             mig = MigrationService(with_policy(inv, how.policy), store,
                                    AuditLog(home / "audit.jsonl"))
             report = await mig.migrate(MigrationRequest(
@@ -123,35 +159,77 @@ async def one_run(home: Path, link: str, level: str, name: str, how: Strategy,
     return {
         "link": link, "level": level, "strategy": name, "asked_pages_s": rate,
         "completed": r["status"] == "completed", "status": r["status"],
-        "total_time_s": r["total_time_s"], "qemu_downtime_ms": mem.get("qemu_downtime_ms"),
+        "memory": lv.memory, "wss": lv.wss,
+        "total_time_s": r["total_time_s"],
+        "migration_s": (round(r["total_time_s"] - (r["checks_s"] or 0), 2)
+                        if r["total_time_s"] is not None else None),
+        "qemu_downtime_ms": mem.get("qemu_downtime_ms"), "floor_ms": floor_ms,
         "observed_downtime_ms": r["observed_downtime_ms"],
         # live: shared storage, so everything on the wire is the memory stream
         "bytes": r["bytes_transferred"], "ram_bytes": mem.get("ram_bytes"),
         "postcopy": bool(mem.get("postcopy")), "steps": [s["action"] for s in r["steps"]],
+        "paths": [s["detail"] for s in r["steps"] if s["action"] == "path"],
+        "max_throttle_pct": mem.get("max_throttle_pct"),
         "memcheck": r["verification"].get("memcheck"), "error": r["error"],
     }
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
 def summarise(rows: list[dict[str, Any]]) -> str:
-    out = ["| link | dirty | strategy | completed | total s | QEMU downtime ms | "
-           "observed downtime ms | bytes / RAM | post-copy |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| link | dirty | strategy | completed | migration s | QEMU downtime ms | "
+           "observed downtime ms | bytes / RAM | post-copy | memcheck |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['bytes'] / r['ram_bytes']:.2f}" if r["bytes"] and r["ram_bytes"] else "-"
         obs = r["observed_downtime_ms"]
         out.append(
             f"| {r['link']} | {r['level']} | {r['strategy']} | "
-            f"{'yes' if r['completed'] else 'no'} | {r['total_time_s']} | "
+            f"{'yes' if r['completed'] else 'no'} | {r['migration_s']} | "
             f"{r['qemu_downtime_ms'] if r['completed'] else '-'} | "
-            f"{f'{obs:.0f}' if obs is not None and r['completed'] else '-'} | {ratio} | "
-            f"{'yes' if r['postcopy'] else 'no'} |")
-    by: dict[str, list[dict[str, Any]]] = {}
+            f"{f'{obs:.0f}' if obs is not None and r['completed'] else '-'} | "
+            f"{_ratio(r['bytes'], r['ram_bytes'])} | {'yes' if r['postcopy'] else 'no'} | "
+            f"{r['memcheck'] or '-'} |")
+    out += ["", "| link | dirty | best fixed policy | adaptive time / best | adaptive bytes / "
+            "best | adaptive observed ms | lowest anchor observed ms | model floor ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in rows:
-        by.setdefault(r["strategy"], []).append(r)
-    out.append("")
-    out.append("| strategy | completion | median observed downtime where dirty <= 0.5x (ms) |")
-    out.append("|---|---|---|")
-    for name, rs in by.items():
+        cells.setdefault((r["link"], r["level"]), {})[r["strategy"]] = r
+    lows: list[float] = []
+    floors: list[float] = []
+    for (link, level), by in cells.items():
+        ad = by.get("adaptive")
+        fixed = [by[n] for n in FIXED if n in by and by[n]["completed"]]
+        best = min(fixed, key=lambda r: r["migration_s"]) if fixed else None
+        anchors = [by[n]["observed_downtime_ms"] for n in ANCHORS if n in by
+                   and by[n]["completed"] and by[n]["observed_downtime_ms"] is not None]
+        obs = ad["observed_downtime_ms"] if ad and ad["completed"] else None
+        if obs is not None and level in ("idle", "0.5x"):
+            lows.append(obs)
+            if ad and ad["floor_ms"] is not None:
+                floors.append(ad["floor_ms"])
+        done = ad if ad and ad["completed"] else None
+        time_ratio = _ratio(done["migration_s"] if done else None,
+                            best["migration_s"] if best else None)
+        bytes_ratio = _ratio(done["bytes"] if done else None, best["bytes"] if best else None)
+        floor = f"{ad['floor_ms']:.0f}" if ad and ad["floor_ms"] is not None else "-"
+        out.append(
+            f"| {link} | {level} | {best['strategy'] if best else '-'} | {time_ratio} | "
+            f"{bytes_ratio} | {f'{obs:.0f}' if obs is not None else '-'} | "
+            f"{f'{min(anchors):.0f}' if anchors else '-'} | {floor} |")
+    if lows:
+        floor_text = (f"; median model floor {statistics.median(floors):.0f} ms"
+                      if floors else "")
+        out += ["", f"adaptive, idle and 0.5x cells: median observed downtime "
+                f"{statistics.median(lows):.0f} ms{floor_text}"]
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_strategy.setdefault(r["strategy"], []).append(r)
+    out += ["", "| strategy | completion | median observed downtime where dirty <= 0.5x (ms) |",
+            "|---|---|---|"]
+    for name, rs in by_strategy.items():
         done = sum(r["completed"] for r in rs)
         low = [r["observed_downtime_ms"] for r in rs if r["completed"]
                and r["level"] in ("idle", "0.5x") and r["observed_downtime_ms"] is not None]
@@ -164,18 +242,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="only the 200mbit link and the idle and 2x levels")
+                    help="only the 200mbit link and the idle, 0.5x and 4x levels")
     ap.add_argument("--budget", type=float, default=90.0,
                     help="seconds a baseline may run before it counts as not completed")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--only", action="append", default=None, metavar="STRATEGY",
-                    help="run only this strategy (repeatable): vmigrate, qemu-defaults, "
-                    "proxmox-like, nova-defaults")
+                    help="run only this strategy (repeatable): "
+                    + ", ".join(strategies(90.0)))
+    ap.add_argument("--link", action="append", default=None, choices=list(LINKS),
+                    help="run only this link (repeatable)")
+    ap.add_argument("--level", action="append", default=None, choices=list(LEVELS),
+                    help="run only this dirty level (repeatable)")
     args = ap.parse_args()
+    unknown = sorted(set(args.only or ()) - set(strategies(args.budget)))
+    if unknown:
+        ap.error(f"unknown strategy {', '.join(unknown)}: use {', '.join(strategies(90.0))}")
     require_root()
     build_image()
-    links = ["200mbit"] if args.quick else list(LINKS)
-    levels = ["idle", "2x"] if args.quick else list(LEVELS)
+    links = args.link or (["200mbit"] if args.quick else list(LINKS))
+    levels = args.level or (["idle", "0.5x", "4x"] if args.quick else list(LEVELS))
     home = Path(tempfile.mkdtemp(prefix="vmigrate-bench-"))
     os.environ[HOME_ENV] = str(home)
     name = "b" + secrets.token_hex(2)
@@ -199,7 +284,8 @@ def main() -> int:
         lab_down(home, name)
         shutil.rmtree(home, ignore_errors=True)
     print(f"\n{len(rows)} runs in {time.time() - started:.0f} s; machine: {os.cpu_count()} "
-          f"cores, guests under TCG, {MEMORY} RAM, working set {WSS}\n")
+          "cores, guests under TCG; RAM and working set per level: "
+          + ", ".join(f"{k} {v.memory}/{v.wss}" for k, v in LEVELS.items()) + "\n")
     print(summarise(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))

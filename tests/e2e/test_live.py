@@ -114,8 +114,9 @@ def migrate(lab: Lab, vm: str, *args: str, timeout: float = 400) -> tuple[int, d
 def test_idle_vm_migrates_live(lab: Lab, guest: list[str]) -> None:
     guest.append("idle1")
     start_guest(lab, "idle1", "idle")
-    # multifd with the default policy's post-copy step is refused before any job exists
-    refused = lab.cli("migrate", "idle1", "--to", "h2", "--parallel", "4")
+    # multifd with a policy's post-copy step is refused before any job exists
+    refused = lab.cli("migrate", "idle1", "--to", "h2", "--parallel", "4", "--policy",
+                      "balanced")
     assert refused.returncode == 2
     jobs = lab.cli_json("job", "list")
     assert isinstance(jobs, list) and not [j for j in jobs if j["vm"] == "idle1"]
@@ -123,6 +124,11 @@ def test_idle_vm_migrates_live(lab: Lab, guest: list[str]) -> None:
     assert rc == 0, report
     assert report["status"] == "completed"
     assert report["tls"] is True
+    # the default (adaptive) policy keeps an idle guest in pre-copy, within its limit
+    assert report["options"]["policy"] == "adaptive"
+    assert report["memory"]["postcopy"] is False and not report["memory"]["paused_guest"]
+    assert report["memory"]["qemu_downtime_ms"] <= 300, report["memory"]
+    assert [s for s in report["steps"] if s["action"] == "path"], report["steps"]
     assert_arrived(report)
     assert report["observed_downtime_ms"] is not None
     assert vm_host(lab, "idle1") == "h2"
@@ -320,3 +326,85 @@ def test_audit_log_verifies_and_detects_tampering(lab: Lab, tmp_path: Path) -> N
         assert lab.cli("audit", "verify").returncode == 1
     finally:
         path.write_text(original)
+
+
+#: the guest of issue 12: rewriting 100 MiB of its memory at four times a 200 mbit link
+#: (25600 pages/s = 100 MiB/s; 128 MiB of RAM leaves memtouch too little, so 256 MiB)
+HOT = "memtouch:wss=100M,rate=25600"
+NO_POSTCOPY_TIER = """
+[tiers.steady]
+description = "no post-copy: a link failure must never split the guest"
+vms = ["hot*"]
+postcopy = false
+"""
+
+
+def migration_s(report: dict[str, Any]) -> float:
+    """The migration's own time: the job, less checking the guest afterwards."""
+    return float(report["total_time_s"]) - float(report["checks_s"] or 0)
+
+
+def test_adaptive_plans_from_the_assessment_and_beats_the_ladder(
+    lab: Lab, guest: list[str], slow_links: Callable[[str], None]
+) -> None:
+    """The default adaptive policy on a guest that pre-copy can never converge: it
+    switches to post-copy at the first pass end (planned from the assessment), as
+    fast as the best fixed policy (``postcopy``, moved back on the same links) within
+    20 %. A tier that forbids post-copy gets a throttled pre-copy that converges, or
+    a refusal before any job starts that says why."""
+    slow_links("200mbit")
+    guest.append("hot1")
+    start_guest(lab, "hot1", HOT)
+    res = lab.cli("assess", "hot1", "--to", "h2", "--json")
+    assert res.returncode == 0, res.stderr
+    rc, adaptive = migrate(lab, "hot1")
+    assert rc == 0, adaptive
+    assert adaptive["options"]["policy"] == "adaptive"
+    assert_arrived(adaptive)
+    assert adaptive["verification"]["memcheck"] == "ok", adaptive["verification"]
+    assert adaptive["memory"]["postcopy"] is True
+    paths = [s["detail"] for s in adaptive["steps"] if s["action"] == "path"]
+    assert paths and "from the assessment" in paths[0], paths
+    # switched after one pass: no downtime ladder, no throttling first
+    assert adaptive["memory"]["max_throttle_pct"] == 0, adaptive["memory"]
+    assert not [s for s in adaptive["steps"] if s["action"] == "downtime"], adaptive["steps"]
+
+    res = lab.cli("migrate", "hot1", "--to", "h1", "--json", "--policy", "postcopy",
+                  timeout=400)
+    fixed = json.loads(res.stdout)
+    assert res.returncode == 0, fixed
+    assert fixed["verification"]["memcheck"] == "ok", fixed["verification"]
+    assert migration_s(adaptive) <= 1.2 * migration_s(fixed), (migration_s(adaptive),
+                                                               migration_s(fixed))
+    assert adaptive["bytes_transferred"] <= 1.2 * fixed["bytes_transferred"], (
+        adaptive["bytes_transferred"], fixed["bytes_transferred"])
+
+    # the same guest in a tier that forbids post-copy
+    inv = lab.home / "vmigrate.toml"
+    original = inv.read_text()
+    inv.write_text(original + NO_POSTCOPY_TIER)
+    try:
+        res = lab.cli("assess", "hot1", "--to", "h2", "--json")
+        assert res.returncode == 0, res.stderr
+        before = [j["id"] for j in last_jobs(lab, "hot1")]
+        res = lab.cli("migrate", "hot1", "--to", "h2", "--json", timeout=700)
+    finally:
+        inv.write_text(original)
+    if res.returncode != 0:
+        # refused before anything started, and it says why
+        assert res.returncode == 2, (res.returncode, res.stderr)
+        assert "refuses" in res.stderr and "tier steady" in res.stderr, res.stderr
+        assert [j["id"] for j in last_jobs(lab, "hot1")] == before
+        assert vm_host(lab, "hot1") == "h1"
+    else:
+        report = json.loads(res.stdout)
+        assert report["memory"]["postcopy"] is False, report["memory"]
+        assert report["memory"]["max_throttle_pct"] > 0, report["memory"]
+        assert report["memory"]["qemu_downtime_ms"] <= 300, report["memory"]
+        assert report["verification"]["memcheck"] == "ok", report["verification"]
+
+
+def last_jobs(lab: Lab, vm: str) -> list[dict[str, Any]]:
+    jobs = lab.cli_json("job", "list")
+    assert isinstance(jobs, list)
+    return [dict(j) for j in jobs if j["vm"] == vm]

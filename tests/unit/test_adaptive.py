@@ -19,9 +19,12 @@ from vmigrate.plan.adaptive import (
     choose,
     make_controller,
     max_downtime_ms,
+    max_throttle_pct,
+    throttle_pause_ms,
 )
 from vmigrate.plan.assessment import Assessment, DirtyWindow, LinkAssessment
 from vmigrate.plan.capabilities import MigrationOptions, plan_setup
+from vmigrate.plan.convergence import Sample
 from vmigrate.plan.decide import Tier
 from vmigrate.plan.policy import BUILTIN, DEFAULT_POLICY, Policy, describe
 from vmigrate.plan.predict import live_start, predict
@@ -293,3 +296,32 @@ async def test_the_service_refuses_before_the_job_when_nothing_fits(tmp_path: Pa
     assert "tier db" in str(exc.value)
     assert w.store.list_jobs(vm="vm1") == []  # nothing started
     assert w.runs_on("h1")
+
+
+@pytest.mark.parametrize("postcopy", (True, False))
+def test_a_saturated_pass_rate_does_not_make_a_hot_guest_look_calm(postcopy: bool) -> None:
+    """Replayed from the lab (memtouch 100 MiB at 100 MiB/s, 200 mbit): QEMU's rate of
+    the first pass was 13.9 MiB/s, since the pass found the working set dirty once over
+    7.6 s. That must not turn the plan into a pre-copy that cannot converge."""
+    opts = MigrationOptions(policy=BUILTIN["adaptive"], postcopy_allowed=postcopy)
+    setup = plan_setup(opts)
+    start = Situation(remaining=260 * MiB, dirty_rate=102 * MiB, wss=100 * MiB,
+                      bandwidth=22.5 * MiB)
+    c = make_controller(opts, setup, start=start, wss=100 * MiB, bandwidth=22.5 * MiB)
+    assert isinstance(c, AdaptiveController)
+    first = c.path
+    assert first.kind != "precopy"
+    c.observe(Sample(t=0.5, status="active", transferred=10 * MiB, remaining=250 * MiB,
+                     total=RAM, iteration=1, dirty_rate=0, mbps=180))
+    c.observe(Sample(t=7.6, status="active", transferred=170 * MiB, remaining=int(92.7 * MiB),
+                     total=RAM, iteration=2, dirty_rate=13.9 * MiB / 4096, mbps=180))
+    assert c.path.kind != "precopy", c.path
+    if not postcopy:
+        assert c.path.kind == "throttle" and c.path.throttle_pct <= max_throttle_pct(300)
+
+
+def test_a_throttle_never_stops_the_guest_longer_than_the_limit() -> None:
+    assert throttle_pause_ms(99) == pytest.approx(990)
+    assert throttle_pause_ms(max_throttle_pct(300)) <= 300
+    assert throttle_pause_ms(max_throttle_pct(300) + 1) > 300
+    assert max_throttle_pct(1000) == 99

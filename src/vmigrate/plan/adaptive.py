@@ -77,13 +77,18 @@ __all__ = [
     "choose",
     "make_controller",
     "max_downtime_ms",
+    "max_throttle_pct",
     "simulate",
+    "throttle_pause_ms",
 ]
 
 #: the downtime limits a plain pre-copy is tried at (ms), up to the job's limit
 LIMITS_MS = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000)
-#: starting CPU throttles (%) tried
-THROTTLES = (20, 40, 60, 80, 99)
+#: starting CPU throttles (%) tried (never above :func:`max_throttle_pct`)
+THROTTLES = (20, 40, 60, 80, 90, 95, 99)
+#: QEMU throttles a vCPU by making it sleep ``pct / (100 - pct)`` times this timeslice
+#: after each one it runs (cpu_throttle_timeslice): 99 % stops the guest 990 ms at a time
+THROTTLE_SLICE_MS = 10.0
 #: the fixed built-in schedules that are candidates too (run from the situation)
 FIXED = ("balanced", "minimal-downtime", "postcopy")
 #: keep the path in force unless the new one is this much faster
@@ -219,6 +224,44 @@ class Choice:
     floor_ms: float | None = None
 
 
+def throttle_pause_ms(pct: int) -> float:
+    """How long a vCPU throttled at ``pct`` % stops at a time (the guest's own downtime)."""
+    return 0.0 if pct <= 0 else THROTTLE_SLICE_MS * pct / max(1, 100 - pct)
+
+
+def max_throttle_pct(limit_ms: float) -> int:
+    """The highest throttle whose pauses stay within ``limit_ms``."""
+    pct = int(100 * limit_ms / (limit_ms + THROTTLE_SLICE_MS))
+    while pct > 0 and throttle_pause_ms(pct) > limit_ms:
+        pct -= 1
+    return max(0, min(99, pct))
+
+
+class _Capped:
+    """A convergence controller whose throttle steps never go above ``cap`` %."""
+
+    def __init__(self, inner: ConvergenceController, cap: int) -> None:
+        self._inner = inner
+        self._cap = cap
+
+    def initial_parameters(self) -> dict[str, object]:
+        return self._inner.initial_parameters()
+
+    @property
+    def history(self) -> list[StepRecord]:
+        return self._inner.history
+
+    def observe(self, sample: Sample) -> list[Action]:
+        out: list[Action] = []
+        for a in self._inner.observe(sample):
+            if isinstance(a, SetParameters) and "max-cpu-throttle" in a.params:
+                initial = a.params.get("cpu-throttle-initial", 1)
+                a = SetParameters(throttle_parameters(
+                    int(initial) if isinstance(initial, int) else 1, self._cap), a.why)
+            out.append(a)
+        return out
+
+
 def candidates(sit: Situation, limits: Limits) -> list[Path]:
     """Every path worth simulating from ``sit`` within ``limits``."""
     ceiling = max(1, int(limits.downtime_ms))
@@ -230,7 +273,8 @@ def candidates(sit: Situation, limits: Limits) -> list[Path]:
     fits = [lim for lim in levels if lim + limits.switchover_ms <= limits.downtime_ms]
     top = fits[-1] if fits else levels[0]
     paths = [Path("precopy", lim) for lim in levels]
-    paths += [Path("throttle", top, throttle_pct=t) for t in THROTTLES]
+    cap = max_throttle_pct(limits.downtime_ms)
+    paths += [Path("throttle", top, throttle_pct=t) for t in THROTTLES if t <= cap]
     if limits.postcopy:
         paths += [Path("postcopy", top, after_passes=k) for k in (0, 1, 2)
                   if not (k == 0 and sit.at_start)]
@@ -259,13 +303,15 @@ def simulate(path: Path, sit: Situation, limits: Limits) -> Outcome:
         mig.throttle_pct = sit.throttle_pct
     if path.kind == "postcopy" and path.after_passes == 0:
         mig.start_postcopy()
-    controller = ConvergenceController(opts, setup)
+    controller = _Capped(ConvergenceController(opts, setup), max_throttle_pct(limits.downtime_ms))
     drain = (sit.remaining + sit.wss) / max(1.0, sit.bandwidth)
     run = drive_sparse(controller, mig, timeout_s=budget, limit_s=budget + drain + 30)
     finished = run.status == "completed"
     end = run.ended_at if run.ended_at is not None else run.t
+    # a throttled guest stops for a while after every timeslice: that is downtime too
+    downtime = max(run.downtime_ms or 0.0, throttle_pause_ms(run.max_throttle))
     return Outcome(path=path, finished=finished, time_s=end,
-                   downtime_ms=(run.downtime_ms or 0.0) if finished else 0.0,
+                   downtime_ms=downtime if finished else 0.0,
                    wire=run.transferred, postcopy=run.postcopy_at is not None,
                    paused=run.paused_at is not None, throttled=run.max_throttle,
                    iterations=run.iterations)
@@ -344,6 +390,9 @@ class AdaptiveController:
         self._limits = limits
         self._wss = wss
         self._bandwidth = bandwidth
+        #: the dirty rate believed (the assessment's, then what the passes showed)
+        self._rate = start.dirty_rate if start is not None else 0.0
+        self._pass_started = 0.0
         self._last_iteration: int | None = None
         self._history: list[StepRecord] = []
         self._finished: list[StepRecord] = []
@@ -371,14 +420,15 @@ class AdaptiveController:
     def _first_pass_path(self) -> Path:
         return Path("precopy", min(LIMITS_MS[0], max(1, int(self._limits.downtime_ms))))
 
-    def _controller(self, path: Path) -> ConvergenceController:
+    def _controller(self, path: Path) -> _Capped:
         action: Literal["abort", "complete"] = (
             "complete" if self._opts.policy.timeout_action == "complete"
             and (self._setup.postcopy or self._limits.downtime_ms >= 60_000) else "abort")
         policy = path.schedule(timeout_s=self._limits.budget_s, timeout_action=action)
         params = dict(self._setup.parameters, **{"downtime-limit": path.downtime_ms})
         setup = replace(self._setup, parameters=params)
-        return ConvergenceController(replace(self._opts, policy=policy), setup)
+        return _Capped(ConvergenceController(replace(self._opts, policy=policy), setup),
+                       max_throttle_pct(self._limits.downtime_ms))
 
     def _record(self, t: float, iteration: int, old: Path | None, new: Path, why: str,
                 sit: Situation | None, choice: Choice | None) -> None:
@@ -432,8 +482,27 @@ class AdaptiveController:
                 actions += self._replan(sample)
         return actions + self._inner.observe(sample)
 
+    def _dirty_rate(self, sit: Situation, pass_s: float) -> tuple[float, str]:
+        """The dirty rate to plan with, and how it was found. QEMU's rate of a pass is
+        what the pass found dirty over its length: a guest rewriting a working set
+        faster than a pass saturates it, so a lower figure replaces the believed one
+        only when the pass also left clearly less than that belief predicts."""
+        measured = sit.dirty_rate
+        what = f"measured {measured / 2**20:.1f} MiB/s dirtied"
+        if measured >= self._rate:
+            return measured, what
+        expected = min(self._wss, self._rate * pass_s * (1 - sit.throttle_pct / 100))
+        if sit.remaining < 0.5 * expected:
+            return measured, what + " (calmer than believed)"
+        return self._rate, (f"{what} over the pass, {self._rate / 2**20:.1f} MiB/s kept "
+                            "(the pass left as much as that predicts)")
+
     def _replan(self, sample: Sample) -> list[Action]:
         sit = situation(sample, wss=self._wss, fallback_bandwidth=self._bandwidth)
+        pass_s, self._pass_started = sample.t - self._pass_started, sample.t
+        rate, rate_why = self._dirty_rate(sit, pass_s)
+        self._rate = rate
+        sit = replace(sit, dirty_rate=rate)
         self._wss = max(self._wss, float(sample.remaining))
         choice = choose(sit, self._limits)
         new = choice.chosen
@@ -450,7 +519,7 @@ class AdaptiveController:
         self._finished += self._inner.history
         self._inner = self._controller(new.path)
         self._record(sample.t, sample.iteration, old, new.path,
-                     f"{choice.why}; measured {sit.dirty_rate / 2**20:.1f} MiB/s dirtied, "
+                     f"{choice.why}; {rate_why}, "
                      f"{sit.bandwidth / 2**20:.1f} MiB/s sent, "
                      f"{sit.remaining / 2**20:.1f} MiB left", sit, choice)
         actions: list[Action] = []
@@ -458,7 +527,8 @@ class AdaptiveController:
             actions.append(SetParameters({"downtime-limit": new.path.downtime_ms},
                                          f"adaptive: downtime limit {new.path.downtime_ms} ms"))
         if new.path.kind == "throttle" and self._setup.capabilities.get("auto-converge"):
-            actions.append(SetParameters(throttle_parameters(new.path.throttle_pct),
+            actions.append(SetParameters(throttle_parameters(
+                new.path.throttle_pct, max_throttle_pct(self._limits.downtime_ms)),
                                          f"adaptive: throttle CPUs from "
                                          f"{new.path.throttle_pct} %"))
         if new.path.kind == "postcopy" and new.path.after_passes == 0 and self._setup.postcopy:

@@ -109,12 +109,13 @@ class MigrationSetup:
     postcopy: bool
 
 
-def throttle_parameters(initial: int) -> dict[str, object]:
-    """The parameters a throttle step sets (see the module doc's "throttle trick")."""
+def throttle_parameters(initial: int, maximum: int = 99) -> dict[str, object]:
+    """The parameters a throttle step sets (see the module doc's "throttle trick"),
+    never throttling above ``maximum`` %."""
     return {
-        "cpu-throttle-initial": initial,
+        "cpu-throttle-initial": min(initial, maximum),
         "cpu-throttle-increment": throttle_increment(initial),
-        "max-cpu-throttle": 99,
+        "max-cpu-throttle": maximum,
         "throttle-trigger-threshold": DEFAULT_THROTTLE_THRESHOLD,
     }
 
