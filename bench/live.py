@@ -178,6 +178,19 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+def _merge(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One strategy's runs of a cell: completed only if all did; medians of the rest."""
+    done = [r for r in rs if r["completed"]]
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in done if r[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    return {"strategy": rs[0]["strategy"], "completed": len(done) == len(rs) > 0,
+            "runs": len(rs), "migration_s": med("migration_s"), "bytes": med("bytes"),
+            "observed_downtime_ms": med("observed_downtime_ms"), "floor_ms": med("floor_ms")}
+
+
 def summarise(rows: list[dict[str, Any]]) -> str:
     out = ["| link | dirty | strategy | completed | migration s | QEMU downtime ms | "
            "observed downtime ms | bytes / RAM | post-copy | memcheck |",
@@ -191,15 +204,17 @@ def summarise(rows: list[dict[str, Any]]) -> str:
             f"{f'{obs:.0f}' if obs is not None and r['completed'] else '-'} | "
             f"{_ratio(r['bytes'], r['ram_bytes'])} | {'yes' if r['postcopy'] else 'no'} | "
             f"{r['memcheck'] or '-'} |")
-    out += ["", "| link | dirty | best fixed policy | adaptive time / best | adaptive bytes / "
+    out += ["", "Per cell (medians where a cell ran more than once):", "",
+            "| link | dirty | best fixed policy | adaptive time / best | adaptive bytes / "
             "best | adaptive observed ms | lowest anchor observed ms | model floor ms |",
             "|---|---|---|---|---|---|---|---|"]
-    cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    runs: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
-        cells.setdefault((r["link"], r["level"]), {})[r["strategy"]] = r
+        runs.setdefault((r["link"], r["level"]), {}).setdefault(r["strategy"], []).append(r)
     lows: list[float] = []
     floors: list[float] = []
-    for (link, level), by in cells.items():
+    for (link, level), cell in runs.items():
+        by = {name: _merge(rs) for name, rs in cell.items()}
         ad = by.get("adaptive")
         fixed = [by[n] for n in FIXED if n in by and by[n]["completed"]]
         best = min(fixed, key=lambda r: r["migration_s"]) if fixed else None
@@ -246,6 +261,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=90.0,
                     help="seconds a baseline may run before it counts as not completed")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every cell this many times (the summary takes medians)")
     ap.add_argument("--only", action="append", default=None, metavar="STRATEGY",
                     help="run only this strategy (repeatable): "
                     + ", ".join(strategies(90.0)))
@@ -272,7 +289,7 @@ def main() -> int:
         for link in links:
             for host in ("h1", "h2"):
                 set_link_rate(home, host, link, name)
-            for level in levels:
+            for level in [lv for lv in levels for _ in range(max(1, args.repeat))]:
                 for strat, how in strategies(args.budget).items():
                     if args.only and strat not in args.only:
                         continue

@@ -13,6 +13,7 @@ import pytest
 from vmigrate.audit.log import read
 from vmigrate.errors import ConflictError
 from vmigrate.plan.adaptive import (
+    MIN_LIMIT_MS,
     AdaptiveController,
     Limits,
     Situation,
@@ -20,8 +21,10 @@ from vmigrate.plan.adaptive import (
     make_controller,
     max_downtime_ms,
     max_throttle_pct,
+    postcopy_worth_enabling,
     throttle_pause_ms,
 )
+from vmigrate.plan.adaptive import Path as PlanPath
 from vmigrate.plan.assessment import Assessment, DirtyWindow, LinkAssessment
 from vmigrate.plan.capabilities import MigrationOptions, plan_setup
 from vmigrate.plan.convergence import Sample
@@ -98,7 +101,7 @@ def test_adaptive_is_never_slower_than_the_best_fixed_policy(level: float, link:
         # does too, and within the post-copy allowance of any
         best_plain = min((time_of(r) for r in ok.values() if plain(r)), default=best)
         assert t <= 1.1 * best_plain + 0.5, (t, best_plain)
-        assert t <= 1.25 * best + 0.5, (t, best)
+        assert t <= 1.5 * best + 0.5, (t, best)
         # and at a downtime no fixed policy beats
         lowest = min(r.downtime_ms or 0 for r in ok.values() if plain(r)) if any(
             plain(r) for r in ok.values()) else LIMIT_MS
@@ -156,11 +159,11 @@ def test_a_converging_guest_gets_the_floor(level: float) -> None:
                       bandwidth=link)
     choice = choose(start, Limits(downtime_ms=LIMIT_MS))
     assert choice.chosen is not None and choice.chosen.plain
-    assert choice.floor_ms is not None
-    assert choice.chosen.downtime_ms == pytest.approx(choice.floor_ms)
-    # below what balanced starts at (50 ms limit + the switchover)
-    assert choice.chosen.downtime_ms < 109
-    assert choice.chosen.path.kind == "precopy"
+    assert choice.floor_ms is not None and choice.floor_ms <= choice.chosen.downtime_ms
+    # the lowest limit planned: no higher limit at the first stall
+    assert choice.chosen.path == PlanPath("precopy", MIN_LIMIT_MS)
+    lower = choose(start, Limits(downtime_ms=LIMIT_MS), [PlanPath("precopy", 20)])
+    assert lower.chosen is None and lower.floor_ms is not None  # simulated, not taken
 
 
 # -- re-planning ---------------------------------------------------------------------------
@@ -197,7 +200,8 @@ def test_every_change_of_path_is_a_decision_with_its_figures() -> None:
     assert controller.take_decisions() == []  # taken once
     assert decisions[0]["why"].startswith("no assessment")
     change = decisions[1]
-    assert change["from"] == "pre-copy at 5 ms" and change["path"] == "post-copy now"
+    assert change["from"] == f"pre-copy at {MIN_LIMIT_MS} ms"
+    assert change["path"] == "post-copy now"
     assert change["dirty_rate"] > 2 * link and 0.5 * link < change["bandwidth"] <= link
     assert change["remaining"] > 0 and change["predicted_time_s"] > 0
     assert "MiB/s dirtied" in change["why"]
@@ -325,3 +329,61 @@ def test_a_throttle_never_stops_the_guest_longer_than_the_limit() -> None:
     assert throttle_pause_ms(max_throttle_pct(300)) <= 300
     assert throttle_pause_ms(max_throttle_pct(300) + 1) > 300
     assert max_throttle_pct(1000) == 99
+
+
+def test_the_job_keeps_the_assessment_and_the_tier_it_started_with(tmp_path: Path) -> None:
+    w = World(tmp_path, "live", policy="adaptive")
+    w.inventory = w.inventory.model_copy(update={"tiers": {"web": {
+        "vms": ["vm*"], "max_downtime_ms": 200}}})
+    a = assessment(10e6).model_copy(update={"at": time.time()})
+    w.store.add_assessment("vm1", "h1", "h2", a.at, json.loads(a.model_dump_json()))
+    opts = w.service().options(w.request())
+    assert opts.tier == "web" and opts.tier_max_downtime_ms == 200
+    assert opts.assessed is not None and opts.assessed.dirty_rate == pytest.approx(10e6)
+    # a guest at 0.4x the link converges in pre-copy: post-copy is not enabled
+    assert not opts.postcopy_allowed and opts.postcopy_unneeded
+    assert not plan_setup(opts.memory_options()).capabilities.get("postcopy-ram")
+    assert max_downtime_ms(opts.memory_options()) == 200
+    # a fixed policy does not need the assessment
+    w.policy = "balanced"
+    assert w.service().options(w.request()).assessed is None
+    # an assessment older than the service's 10 minutes is not used
+    w.policy = "adaptive"
+    w.store = type(w.store)(tmp_path / "other.db")
+    w.store.add_vm("vm1", "h1", w.spec.model_dump_json())
+    old = a.model_copy(update={"at": time.time() - 3600})
+    w.store.add_assessment("vm1", "h1", "h2", old.at, json.loads(old.model_dump_json()))
+    assert w.service().options(w.request()).assessed is None
+
+
+def test_a_converging_precopy_is_not_planned_again_on_a_noisy_pass() -> None:
+    """Seen in the lab at 0.5x: one short pass measured 24 MiB/s, above the link, and the
+    plan raised the limit to 50 ms although every pass had left less than the one
+    before. The shrinking remainder is the evidence that counts."""
+    link = 25e6
+    opts = MigrationOptions(policy=BUILTIN["adaptive"])
+    setup = plan_setup(opts)
+    c = make_controller(opts, setup, start=None, wss=RAM, bandwidth=link)
+    assert isinstance(c, AdaptiveController)
+
+    def pass_end(t: float, it: int, left: float, rate: float) -> None:
+        c.observe(Sample(t=t, status="active", transferred=int(t * link), remaining=int(left),
+                         total=RAM, iteration=it, dirty_rate=rate / 4096, mbps=190))
+
+    pass_end(0.5, 1, RAM, 0)
+    pass_end(10.0, 2, 56 * MiB, 6 * MiB)  # the first pass end: planned (a plain pre-copy)
+    planned = c.path
+    assert planned.kind == "precopy", planned
+    pass_end(12.5, 3, 28 * MiB, 12 * MiB)
+    pass_end(13.7, 4, 14 * MiB, 30 * MiB)  # a noisy figure above the link, still shrinking
+    assert c.path == planned
+    pass_end(15.0, 5, 14 * MiB, 30 * MiB)  # stalled: planned again
+    assert c.path != planned
+
+
+def test_postcopy_is_enabled_only_when_it_may_be_needed() -> None:
+    calm = Situation(remaining=RAM, dirty_rate=5e6, wss=16 * MiB, bandwidth=25e6)
+    hot = Situation(remaining=RAM, dirty_rate=100e6, wss=64 * MiB, bandwidth=25e6)
+    assert not postcopy_worth_enabling(calm, PlanPath("precopy", 50))
+    assert postcopy_worth_enabling(calm, PlanPath("postcopy", 200, after_passes=1))
+    assert postcopy_worth_enabling(hot, PlanPath("precopy", 50))

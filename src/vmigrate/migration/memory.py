@@ -196,6 +196,13 @@ class PreCopy(MemoryStrategy):
         started with (or, without one, from the first pass)."""
         o = job.opts
         ram = float(job.state.spec.memory_mib << 20)
+        if o.postcopy_unneeded and o.assessed is not None:
+            note = (f"post-copy not enabled: the assessment shows the guest dirtying "
+                    f"{o.assessed.dirty_rate / 2**20:.1f} MiB/s of a "
+                    f"{o.assessed.bandwidth / 2**20:.1f} MiB/s link, and QEMU switches "
+                    "over faster without it")
+            if note not in job.report.notes:
+                job.report.notes.append(note)
         start = o.assessed.situation() if o.assessed is not None else None
         return make_controller(
             migration_options(job), setup, start=start,

@@ -125,6 +125,9 @@ class JobOptions(_Model):
     tier: str | None = None
     tier_max_downtime_ms: float | None = None
     postcopy_allowed: bool = True
+    #: post-copy is not enabled because the assessment shows pre-copy converges easily
+    #: (the tier would allow it)
+    postcopy_unneeded: bool = False
     #: an adaptive policy's starting point (None: no assessment, the first pass measures)
     assessed: Assessed | None = None
 

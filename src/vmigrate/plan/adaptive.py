@@ -20,8 +20,9 @@ use. :func:`choose` keeps the paths that finish within the time budget, whose
 downtime stays within the limit, and that the tier allows (post-copy only where
 allowed); of those it takes
 
-1. the plain pre-copy with the *lowest* predicted downtime whose time is within
-   ``slack`` (25 %) of the fastest path: a guest that converges gets the lowest
+1. the plain pre-copy (at :data:`MIN_LIMIT_MS` or more) with the *lowest* predicted
+   downtime whose time is within
+   ``slack`` (50 %) of the fastest path: a guest that converges gets the lowest
    downtime limit that converges in good time, down to what it keeps rewriting
    over the bandwidth (the floor), and no post-copy (whose page faults over the
    link stall the guest longer than its switch shows, and whose link failure
@@ -36,8 +37,18 @@ from the assessment, or without one starts a plain pre-copy at the lowest limit
 (the first pass is the measurement); at every pass end it replaces the
 assumptions with what QEMU measured (the dirty rate of the pass, its throughput,
 what is left) and plans again, keeping the current path unless the new one is
-clearly better. Every change of path is a decision (:meth:`~AdaptiveController.
-take_decisions`, audited by the engine) and a step in the report.
+clearly better. A pass's dirty rate is a noisy figure: it is what the pass found
+dirty over its length, so a guest rewriting its working set faster than a pass
+saturates it (a lower figure replaces the assessment's only when the pass also
+left clearly less), and a plain pre-copy whose passes keep shrinking (each leaves
+at most 80 % of the one before) is converging as planned and is not planned
+again. Every change of path is a decision
+(:meth:`~AdaptiveController.take_decisions`, audited by the engine) and a step in
+the report.
+
+Two bounds come from the lab, not from the models: a plain pre-copy is planned at
+:data:`MIN_LIMIT_MS` or more, and post-copy is enabled only when the assessment
+leaves it a chance of being needed (:func:`postcopy_worth_enabling`).
 """
 
 from __future__ import annotations
@@ -78,6 +89,7 @@ __all__ = [
     "make_controller",
     "max_downtime_ms",
     "max_throttle_pct",
+    "postcopy_worth_enabling",
     "simulate",
     "throttle_pause_ms",
 ]
@@ -93,6 +105,20 @@ THROTTLE_SLICE_MS = 10.0
 FIXED = ("balanced", "minimal-downtime", "postcopy")
 #: keep the path in force unless the new one is this much faster
 KEEP_MARGIN = 0.05
+#: the lowest downtime limit a plain pre-copy is planned at (ms; the job's limit when
+#: lower). Lower ones are simulated for the floor but not taken: in the lab the observed
+#: downtime of a converged pre-copy stays at 110-150 ms (the guest's NIC moving) whatever
+#: the limit below it, and a 5-10 ms limit meant many short passes, after which 3 of 4
+#: TCG guests arrived corrupted (docs/BENCHMARKS.md)
+MIN_LIMIT_MS = 50
+#: post-copy is enabled only when the assessment leaves it a chance of being needed:
+#: QEMU 7.2 with ``postcopy-ram`` on takes 70-100 ms more to switch over even when the
+#: migration never uses it (lab: 111-137 ms against 2-45 ms without, same 50 ms limit)
+CALM_SHARE = 0.5
+#: a plain pre-copy whose pass ends with at most this share of what the previous pass
+#: left is converging as planned: it is not planned again (a single pass's dirty rate
+#: is a noisy figure; the shrinking remainder is the evidence)
+CONVERGING = 0.8
 
 PathKind = Literal["precopy", "throttle", "postcopy", "pause", "policy"]
 
@@ -129,8 +155,9 @@ class Limits:
     budget_s: float = 600.0
     #: a plain pre-copy within this share of the fastest path is preferred: post-copy
     #: costs what its stop-and-copy downtime does not show (the guest waits on page
-    #: faults over the link, 0.6-0.75 s seen in the lab, and a failed link splits it)
-    slack: float = 0.25
+    #: faults over the link: 0.7 to 2.3 s observed in the lab against 0.1 to 0.2 s for
+    #: a converged pre-copy, docs/BENCHMARKS.md; and a failed link splits it)
+    slack: float = 0.5
     #: fixed part of a stop-and-copy downtime and of a post-copy switch (ms)
     switchover_ms: float = 60.0
     postcopy_switch_ms: float = 150.0
@@ -331,12 +358,19 @@ def _pick(ok: Sequence[Outcome], slack: float, elapsed: float) -> Outcome:
     return min(ok, key=lambda o: (o.time_s, o.downtime_ms))
 
 
+def _lowest(limits: Limits) -> float:
+    return min(float(MIN_LIMIT_MS), limits.downtime_ms)
+
+
 def choose(sit: Situation, limits: Limits, paths: Sequence[Path] | None = None) -> Choice:
     """The path to take from ``sit`` (see the module doc)."""
     outs = tuple(simulate(p, sit, limits) for p in (paths or candidates(sit, limits)))
-    ok = [o for o in outs if _eligible(o, limits)]
-    plain = [o for o in ok if o.plain]
-    floor = min((o.downtime_ms for o in plain), default=None)
+    # the floor: the lowest downtime any plain pre-copy reaches, even below the lowest
+    # limit planned
+    floor = min((o.downtime_ms for o in outs if _eligible(o, limits) and o.plain),
+                default=None)
+    ok = [o for o in outs if _eligible(o, limits)
+          and (o.path.kind != "precopy" or o.path.downtime_ms >= _lowest(limits))]
     if not ok:
         finishing = [o for o in outs if o.finished]
         if not finishing:
@@ -358,6 +392,14 @@ def choose(sit: Situation, limits: Limits, paths: Sequence[Path] | None = None) 
     why = (f"{pick.describe()}" + ("" if pick is fastest else
                                   f" (the fastest, {fastest.describe()})"))
     return Choice(pick, outs, why, floor)
+
+
+def postcopy_worth_enabling(start: Situation, path: Path) -> bool:
+    """Whether to enable ``postcopy-ram`` for a migration planned ``path`` from ``start``:
+    not when the plan is a plain pre-copy of a guest dirtying at most
+    :data:`CALM_SHARE` of the link (a guest hotter than assessed then gets a higher
+    limit or a throttle)."""
+    return not (path.kind == "precopy" and start.dirty_rate <= CALM_SHARE * start.bandwidth)
 
 
 def situation(sample: Sample, *, wss: float, fallback_bandwidth: float) -> Situation:
@@ -393,6 +435,8 @@ class AdaptiveController:
         #: the dirty rate believed (the assessment's, then what the passes showed)
         self._rate = start.dirty_rate if start is not None else 0.0
         self._pass_started = 0.0
+        #: what was left at the previous pass end (None: the first pass runs)
+        self._pass_left: float | None = None
         self._last_iteration: int | None = None
         self._history: list[StepRecord] = []
         self._finished: list[StepRecord] = []
@@ -418,7 +462,7 @@ class AdaptiveController:
         self._inner = self._controller(self._path)
 
     def _first_pass_path(self) -> Path:
-        return Path("precopy", min(LIMITS_MS[0], max(1, int(self._limits.downtime_ms))))
+        return Path("precopy", max(1, int(_lowest(self._limits))))
 
     def _controller(self, path: Path) -> _Capped:
         action: Literal["abort", "complete"] = (
@@ -479,7 +523,13 @@ class AdaptiveController:
                         and sample.iteration > self._last_iteration)
             self._last_iteration = sample.iteration
             if new_pass and sample.remaining > 0:
-                actions += self._replan(sample)
+                converging = (self._pass_left is not None and self._path.kind == "precopy"
+                              and sample.remaining <= CONVERGING * self._pass_left)
+                self._pass_left = float(sample.remaining)
+                if converging:
+                    self._pass_started = sample.t
+                else:
+                    actions += self._replan(sample)
         return actions + self._inner.observe(sample)
 
     def _dirty_rate(self, sit: Situation, pass_s: float) -> tuple[float, str]:

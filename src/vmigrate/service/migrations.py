@@ -55,7 +55,11 @@ from vmigrate.migration.verify import (
     DestinationRuns,
     Verifier,
 )
-from vmigrate.plan.adaptive import AdaptiveController, make_controller
+from vmigrate.plan.adaptive import (
+    AdaptiveController,
+    make_controller,
+    postcopy_worth_enabling,
+)
 from vmigrate.plan.capabilities import MigrationSetup, plan_setup
 from vmigrate.plan.decide import tier_for
 from vmigrate.plan.policy import DEFAULT_POLICY, load_policies, resolve_policy
@@ -281,9 +285,12 @@ class MigrationService:
                 f"{a.dirty_rate / 2**20:.1f} MiB/s, link {start.bandwidth / 2**20:.1f} "
                 "MiB/s). Reassess if the guest changed, or choose a fixed policy "
                 "(--policy) or a tier that allows more")
-        return opts.model_copy(update={"assessed": Assessed(
+        update: dict[str, Any] = {"assessed": Assessed(
             first_pass=start.remaining, dirty_rate=start.dirty_rate, wss=start.wss,
-            bandwidth=start.bandwidth, at=a.at)})
+            bandwidth=start.bandwidth, at=a.at)}
+        if opts.postcopy_allowed and not postcopy_worth_enabling(start, controller.path):
+            update.update(postcopy_allowed=False, postcopy_unneeded=True)
+        return opts.model_copy(update=update)
 
     # -- the mode and its prediction -------------------------------------------------
 
