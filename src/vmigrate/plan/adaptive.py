@@ -114,7 +114,7 @@ MIN_LIMIT_MS = 50
 #: post-copy is enabled only when the assessment leaves it a chance of being needed:
 #: QEMU 7.2 with ``postcopy-ram`` on takes 70-100 ms more to switch over even when the
 #: migration never uses it (lab: 111-137 ms against 2-45 ms without, same 50 ms limit)
-CALM_SHARE = 0.5
+CALM_SHARE = 0.75
 #: a plain pre-copy whose pass ends with at most this share of what the previous pass
 #: left is converging as planned: it is not planned again (a single pass's dirty rate
 #: is a noisy figure; the shrinking remainder is the evidence)
