@@ -208,7 +208,7 @@ def migrate(
         help="Convergence policy: adaptive (plans the path from the latest assessment "
         "and each pass), or a fixed schedule: balanced, minimal-downtime, postcopy, "
         "suspend, or one defined under policies in the inventory "
-        "(docs/POLICIES.md).")] = DEFAULT_POLICY,
+        "(README: Convergence policies).")] = DEFAULT_POLICY,
     downtime_ms: Annotated[int | None, typer.Option(
         help="Downtime limit in ms (overrides the policy's): the starting limit of a "
         "fixed policy, the most an adaptive one may take.")] = None,
