@@ -558,7 +558,9 @@ class AdaptiveController:
         new = choice.chosen
         if new is None or new.path == self._path:
             return []
-        current = simulate(self._path, sit, self._limits)
+        # the path in force is usually among the candidates just simulated
+        current = next((o for o in choice.considered if o.path == self._path), None) \
+            or simulate(self._path, sit, self._limits)
         about_as_fast = sit.elapsed + current.time_s <= (
             sit.elapsed + new.time_s) * (1 + KEEP_MARGIN) + 0.5
         about_as_short = current.downtime_ms <= new.downtime_ms * 1.1 or not new.plain
