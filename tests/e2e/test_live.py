@@ -365,6 +365,7 @@ def test_adaptive_plans_from_the_assessment_and_beats_the_ladder(
     assert adaptive["memory"]["postcopy"] is True
     paths = [s["detail"] for s in adaptive["steps"] if s["action"] == "path"]
     assert paths and "from the assessment" in paths[0], paths
+    assert "stream paced at" in paths[0], paths  # the link's queues stay short
     # switched after one pass: no downtime ladder, no throttling first
     assert adaptive["memory"]["max_throttle_pct"] == 0, adaptive["memory"]
     assert not [s for s in adaptive["steps"] if s["action"] == "downtime"], adaptive["steps"]

@@ -14,6 +14,7 @@ from vmigrate.audit.log import read
 from vmigrate.errors import ConflictError
 from vmigrate.plan.adaptive import (
     MIN_LIMIT_MS,
+    PACE,
     AdaptiveController,
     Limits,
     Situation,
@@ -27,9 +28,10 @@ from vmigrate.plan.adaptive import (
 from vmigrate.plan.adaptive import Path as PlanPath
 from vmigrate.plan.assessment import Assessment, DirtyWindow, LinkAssessment
 from vmigrate.plan.capabilities import MigrationOptions, plan_setup
-from vmigrate.plan.convergence import Sample
+from vmigrate.plan.convergence import Sample, SetParameters
 from vmigrate.plan.decide import Tier
 from vmigrate.plan.policy import BUILTIN, DEFAULT_POLICY, Policy, describe
+from vmigrate.plan.predict import DEFAULT_PRIORS as PRIORS
 from vmigrate.plan.predict import live_start, predict
 from vmigrate.plan.simulate import SimRun, SimulatedMigration, drive_sparse
 
@@ -57,12 +59,15 @@ def run(policy: str, rate: float, link: float, *, assessed: bool = True,
     real = rate if guest_rate is None else guest_rate
     opts = MigrationOptions(policy=BUILTIN[policy], postcopy_allowed=postcopy)
     setup = plan_setup(opts)
-    start = Situation(remaining=RAM, dirty_rate=rate, wss=wss_for(rate), bandwidth=link)
+    # as an assessment gives it: the probe measured more than QEMU reaches
+    start = Situation(remaining=RAM, dirty_rate=rate, wss=wss_for(rate), bandwidth=link,
+                      link=link / PRIORS.link_efficiency)
     controller = make_controller(opts, setup, start=start if assessed else None,
                                  wss=wss_for(rate), bandwidth=link)
     mig = SimulatedMigration.from_setup(setup, ram=RAM, link_rate=link, dirty_rate=real,
-                                        wss=wss_for(real), switchover_ms=60,
-                                        postcopy_switch_ms=150, fast=True)
+                                        wss=wss_for(real), switchover_ms=PRIORS.switchover_ms,
+                                        postcopy_switch_ms=PRIORS.postcopy_switch_ms,
+                                        backlog_ms=PRIORS.backlog_ms, fast=True)
     return drive_sparse(controller, mig, timeout_s=opts.policy.timeout_s, limit_s=3000)
 
 
@@ -132,12 +137,13 @@ def test_a_tier_without_postcopy_gets_a_throttle_or_a_refusal(level: float) -> N
 
 
 def test_no_tier_rules_are_broken_at_a_tight_limit() -> None:
-    """--downtime 50 on a hot guest without post-copy: nothing fits, so nothing is chosen
-    (the service refuses before the job starts), and the reason names the lowest reach."""
+    """--downtime 20 on a hot guest without post-copy: nothing fits (a throttle that
+    converges would stop the guest longer), so nothing is chosen (the service refuses
+    before the job starts), and the reason names the lowest reach."""
     start = Situation(remaining=RAM, dirty_rate=100e6, wss=64 * MiB, bandwidth=25e6)
-    choice = choose(start, Limits(downtime_ms=50, postcopy=False))
+    choice = choose(start, Limits(downtime_ms=20, postcopy=False))
     assert choice.chosen is None
-    assert "50 ms" in choice.why or "post-copy" in choice.why
+    assert "20 ms" in choice.why or "post-copy" in choice.why
 
 
 @pytest.mark.parametrize("level", (0.0, 0.25, 0.5, 2.0, 4.0))
@@ -296,7 +302,7 @@ async def test_the_service_refuses_before_the_job_when_nothing_fits(tmp_path: Pa
     w.store.add_assessment("vm1", "h1", "h2", a.at, json.loads(a.model_dump_json()))
     svc = w.service()
     with pytest.raises(ConflictError, match="refuses") as exc:
-        await svc.migrate(w.request(downtime_ms=50))
+        await svc.migrate(w.request(downtime_ms=20))
     assert "tier db" in str(exc.value)
     assert w.store.list_jobs(vm="vm1") == []  # nothing started
     assert w.runs_on("h1")
@@ -387,3 +393,71 @@ def test_postcopy_is_enabled_only_when_it_may_be_needed() -> None:
     assert not postcopy_worth_enabling(calm, PlanPath("precopy", 50))
     assert postcopy_worth_enabling(calm, PlanPath("postcopy", 200, after_passes=1))
     assert postcopy_worth_enabling(hot, PlanPath("precopy", 50))
+
+
+# -- pacing --------------------------------------------------------------------------------
+
+
+def test_an_assessed_migration_is_paced_below_the_link_it_measured() -> None:
+    opts = MigrationOptions(policy=BUILTIN["adaptive"])
+    setup = plan_setup(opts)
+    start = Situation(remaining=RAM, dirty_rate=100e6, wss=64 * MiB, bandwidth=22e6,
+                      link=24e6)
+    controller = make_controller(opts, setup, start=start, wss=64 * MiB, bandwidth=22e6)
+    assert isinstance(controller, AdaptiveController)
+    params = controller.initial_parameters()
+    paced = int(PACE * 24e6)  # of what the probe measured
+    assert params["max-bandwidth"] == paced
+    assert params["max-postcopy-bandwidth"] == paced  # post-copy's faults too
+    assert controller.take_decisions()[0]["paced_bandwidth"] == paced
+
+
+def test_without_an_assessment_the_first_pass_sets_the_pace() -> None:
+    opts = MigrationOptions(policy=BUILTIN["adaptive"])
+    setup = plan_setup(opts)
+    controller = make_controller(opts, setup, start=None, wss=RAM, bandwidth=125e6)
+    assert controller.initial_parameters()["max-bandwidth"] == setup.parameters[
+        "max-bandwidth"]  # unknown link: the first pass runs free and measures it
+    first = Sample(t=0.5, status="active", transferred=1, remaining=RAM, total=RAM,
+                   iteration=1, dirty_rate=0, mbps=200.0)
+    assert controller.observe(first) == []
+    end = Sample(t=11.0, status="active", transferred=RAM, remaining=8 * MiB, total=RAM,
+                 iteration=2, dirty_rate=1000, mbps=200.0)
+    paces = [a for a in controller.observe(end) if isinstance(a, SetParameters)
+             and "max-bandwidth" in a.params]
+    assert len(paces) == 1
+    assert paces[0].params["max-bandwidth"] == int(PACE * 25e6)
+
+
+def test_an_operator_s_cap_is_never_overridden() -> None:
+    opts = MigrationOptions(policy=BUILTIN["adaptive"], bandwidth=10 * MiB)
+    setup = plan_setup(opts)
+    start = Situation(remaining=RAM, dirty_rate=0, wss=4 * MiB, bandwidth=22e6)
+    controller = make_controller(opts, setup, start=start, wss=4 * MiB, bandwidth=22e6)
+    assert isinstance(controller, AdaptiveController) and controller.paced is None
+    assert controller.initial_parameters()["max-bandwidth"] == 10 * MiB
+
+
+@pytest.mark.parametrize("level", (0.0, 0.1, 0.25))
+def test_pacing_a_calm_guest_saves_the_backlog_at_the_switchover(level: float) -> None:
+    """The same path, paced and not: the unpaced one waits for the link's queues."""
+    link = 25e6
+    paced = run("adaptive", level * link, link)
+    unpaced = run("balanced", level * link, link)
+    assert plain(paced) and plain(unpaced)
+    assert paced.downtime_ms is not None and unpaced.downtime_ms is not None
+    assert paced.downtime_ms + PRIORS.backlog_ms <= unpaced.downtime_ms + 15
+    assert time_of(paced) <= 1.05 * time_of(unpaced) + 0.5
+
+
+def test_a_busier_converging_guest_is_not_paced() -> None:
+    """Half the link: pacing would make every pass leave more to send again."""
+    opts = MigrationOptions(policy=BUILTIN["adaptive"])
+    setup = plan_setup(opts)
+    start = Situation(remaining=RAM, dirty_rate=12.5e6, wss=64 * MiB, bandwidth=23e6,
+                      link=24e6)
+    controller = make_controller(opts, setup, start=start, wss=64 * MiB, bandwidth=23e6)
+    assert isinstance(controller, AdaptiveController)
+    assert controller.path.kind == "precopy" and controller.paced is None
+    assert controller.initial_parameters()["max-bandwidth"] == setup.parameters[
+        "max-bandwidth"]

@@ -58,6 +58,9 @@ from vmigrate.qemu.process import VmState
 
 #: bytes/s assumed for the link until QEMU measures it (no assessment, no cap): 1 Gbit/s
 UNKNOWN_LINK = 125_000_000
+#: the source's events that wake the sampling loop before its period: a state change,
+#: a pass end (the simulation the models use samples at the same moments)
+_WAKE_ON = ("MIGRATION", "MIGRATION_PASS")
 
 
 class MemoryStrategy(ABC):
@@ -225,7 +228,8 @@ class PreCopy(MemoryStrategy):
         if job.opts.tls:
             job.register("remove-source-tls")
             await mon.add_tls(st.tls_id, str(job.src.config.tls_path), "client")
-        # "events": MIGRATION events wake the sampling loop at each state change
+        # "events": MIGRATION events wake the sampling loop at each state change, and
+        # MIGRATION_PASS ones at each pass end (where the policy decides)
         await mon.set_capabilities({**setup.capabilities, "events": True})
         params = dict(controller.initial_parameters())
         if job.opts.tls:
@@ -238,7 +242,7 @@ class PreCopy(MemoryStrategy):
         job.register("cancel-migration")
         st.migrating = True
         job.save()
-        with mon.events("MIGRATION") as events:
+        with mon.events(*_WAKE_ON) as events:
             await mon.migrate(st.uri)
             job.decision("migrate", uri=st.uri)
             self._audit_plan(job, controller)
@@ -451,7 +455,7 @@ class PreCopy(MemoryStrategy):
             job.report.memory = MemoryFigures(policy=job.opts.policy.name,
                                               policy_description=describe(job.opts.policy))
         st.postcopy = True
-        with job.src_monitor().events("MIGRATION") as events:
+        with job.src_monitor().events(*_WAKE_ON) as events:
             await self._drive(job, storage, None, events)
 
     async def settle(self, job: Job) -> bool | None:

@@ -89,10 +89,12 @@ class Assessed(_Model):
     wss: float = Field(ge=0)
     bandwidth: float = Field(gt=0)
     at: float
+    #: what the probe measured the link to carry (None in jobs stored before it was kept)
+    link: float | None = Field(default=None, gt=0)
 
     def situation(self) -> Situation:
         return Situation(remaining=self.first_pass, dirty_rate=self.dirty_rate, wss=self.wss,
-                         bandwidth=self.bandwidth)
+                         bandwidth=self.bandwidth, link=self.link)
 
 
 class JobOptions(_Model):

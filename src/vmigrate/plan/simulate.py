@@ -14,13 +14,16 @@ tests drive (:mod:`vmigrate.testing.fakemigration` re-exports it):
   ``max-bandwidth x downtime-limit``; the pages dirtied meanwhile join what is
   left of it and become the next pass; if *that* fits, the guest stops and the
   migration completes, with a downtime of its transfer time plus
-  ``switchover_ms``;
+  ``switchover_ms``, plus ``backlog_ms`` when the stream is not paced to the link
+  (``max-bandwidth`` above ``link_rate``, what QEMU reaches on it): QEMU then keeps the
+  link's queues full, and the guest waits for them to drain at the switchover;
 * ``auto-converge`` follows QEMU 7.2: at a sync, if the guest dirtied more than
   ``throttle-trigger-threshold`` % of what was sent since the last sync twice
   in a row, the throttle starts at ``cpu-throttle-initial`` or grows by
   ``cpu-throttle-increment``, never above ``max-cpu-throttle``;
 * ``migrate-start-postcopy`` moves the guest at once (downtime
-  ``postcopy_switch_ms``, by default ``switchover_ms``) and streams what is
+  ``postcopy_switch_ms``, by default ``switchover_ms``, and the backlog as above) and
+  streams what is
   left; with ``multifd`` on, it fails, as the destination of a real QEMU 7.2
   does;
 * parameters are range-checked like QEMU 7.2 and a bad one raises
@@ -37,8 +40,9 @@ tests' fake ticks one tick at a time.)
 :meth:`SimulatedMigration.query_migrate` answers like QEMU's
 ``query-migrate``, so samples go through :meth:`Sample.from_query_migrate`.
 :func:`drive` runs a controller against a simulation the way the engine does: a
-sample every 0.5 s. :func:`drive_sparse` gives the same outcome with only the
-samples the controller can act on (see its docstring); the prediction uses it.
+sample every 0.5 s, and one at every pass end and at the end (QEMU's events).
+:func:`drive_sparse` gives the same outcome with only the samples the controller can
+act on (see its docstring); the prediction uses it.
 """
 
 from __future__ import annotations
@@ -132,6 +136,9 @@ class SimulatedMigration:
     switchover_ms: float = 20.0
     #: downtime of the switch to post-copy, ms; None = switchover_ms
     postcopy_switch_ms: float | None = None
+    #: what the link's queues hold when the stream is not paced to the link, ms at the
+    #: link rate: added to the downtime of either switch
+    backlog_ms: float = 0.0
     #: how often QEMU checks what is left of a pass, seconds
     tick: float = 0.01
     #: take quiet runs of ticks in one step (see the module doc)
@@ -166,11 +173,11 @@ class SimulatedMigration:
     def from_setup(cls, setup: MigrationSetup, *, ram: int, link_rate: float,
                    dirty_rate: float = 0.0, wss: int | None = None,
                    switchover_ms: float = 20.0, postcopy_switch_ms: float | None = None,
-                   fast: bool = False) -> SimulatedMigration:
+                   backlog_ms: float = 0.0, fast: bool = False) -> SimulatedMigration:
         """A simulation started the way the engine starts a real migration from ``setup``."""
         mig = cls(ram=ram, link_rate=link_rate, dirty_rate=dirty_rate, wss=wss,
                   capabilities=dict(setup.capabilities), switchover_ms=switchover_ms,
-                  postcopy_switch_ms=postcopy_switch_ms, fast=fast)
+                  postcopy_switch_ms=postcopy_switch_ms, backlog_ms=backlog_ms, fast=fast)
         mig.set_parameters(setup.parameters)
         return mig
 
@@ -212,7 +219,7 @@ class SimulatedMigration:
         pause = 0.0 if self.paused_at is None else (self.t - self.paused_at) * 1000
         switch = self.switchover_ms if self.postcopy_switch_ms is None \
             else self.postcopy_switch_ms
-        self.downtime_ms = pause + switch
+        self.downtime_ms = pause + switch + self._backlog()
 
     def stop_guest(self) -> None:
         """``stop`` on the source."""
@@ -354,8 +361,13 @@ class SimulatedMigration:
             pause = 0.0 if self.paused_at is None else (now - self.paused_at) * 1000
             self.transferred += self.remaining
             self.remaining = 0.0
-            self.downtime_ms = pause + final_ms + self.switchover_ms
+            self.downtime_ms = pause + final_ms + self.switchover_ms + self._backlog()
             self._end("completed", now)
+
+    def _backlog(self) -> float:
+        """What the guest waits for at a switch behind the link's queues (ms): nothing
+        when pre-copy was paced to the link."""
+        return self.backlog_ms if self.params["max-bandwidth"] > self.link_rate else 0.0
 
     def _auto_converge(self, dirtied: float) -> None:
         if not self.capabilities.get("auto-converge", False):
@@ -415,9 +427,25 @@ def _run(controller: Controller, mig: SimulatedMigration, actions: list[Action],
                   paused_at=mig.paused_at)
 
 
+def _to_change(mig: SimulatedMigration, before: float) -> None:
+    """Run ``mig`` until its next pass end, post-copy's end or completion (the source
+    emits an event then, MIGRATION_PASS or MIGRATION, which wakes the engine's sampling),
+    but not past ``before`` seconds from now."""
+    end = mig.t + before
+    state = (mig.iteration, mig.status)
+    while (mig.iteration, mig.status) == state and mig.t < end - _EPS:
+        ahead = mig.next_change()
+        step = max(mig.tick, math.ceil(ahead / mig.tick - _EPS) * mig.tick) \
+            if math.isfinite(ahead) else end - mig.t
+        mig.advance(min(step, end - mig.t))
+
+
 def drive(controller: Controller, mig: SimulatedMigration, *,
           interval: float = 0.5, limit_s: float = 3600.0) -> SimRun:
-    """Sample ``mig`` every ``interval`` s into ``controller`` and apply its actions.
+    """Sample ``mig`` into ``controller`` and apply its actions as the engine does: every
+    ``interval`` s, and at once when a pass ends or the migration completes (the
+    engine wakes on QEMU's MIGRATION_PASS and MIGRATION events; the next sample comes
+    ``interval`` after it).
 
     The controller's initial parameters are set first when ``mig`` has not started,
     as the engine sets them before ``migrate``. Stops when the migration ends or
@@ -433,7 +461,7 @@ def drive(controller: Controller, mig: SimulatedMigration, *,
         max_throttle = max(max_throttle, _observe(controller, mig, samples, actions))
         if mig.status in TERMINAL or mig.t >= limit_s or not math.isfinite(mig.t):
             break
-        mig.advance(interval)
+        _to_change(mig, interval)
     return _run(controller, mig, actions, samples, max_throttle)
 
 
@@ -441,42 +469,36 @@ def drive_sparse(controller: Controller, mig: SimulatedMigration, *,
                  timeout_s: float, interval: float = 0.5, limit_s: float = 3600.0) -> SimRun:
     """:func:`drive`, leaving out the samples the controller cannot act on.
 
-    Samples still fall on the same ``interval`` grid, but between two pass
-    ends (or until post-copy finishes) only the last sample before the change
-    and the first after it are taken, plus the first at or after ``timeout_s``
-    (the policy's timeout, which the controller checks at every sample). A
-    sample in between would only tell the controller what it already knows
-    (same status, same iteration, same throttle), so the outcome, the actions
-    and the step history are those of :func:`drive`; ``samples`` holds only
-    the samples taken. ``mig`` must start at ``t = 0``.
+    Between two changes (a pass end, post-copy's end, completion) only the last
+    sample before the change and the one at it are taken, plus the first at or
+    after ``timeout_s`` (the policy's timeout, which the controller checks at every
+    sample). A sample in between would only tell the controller what it already
+    knows (same status, same iteration, same throttle), so the outcome, the actions
+    and the step history are those of :func:`drive`; ``samples`` holds only the
+    samples taken. ``mig`` must start at ``t = 0``.
     """
     actions: list[Action] = []
     samples: list[Sample] = []
     max_throttle = 0
     if mig.t == 0:
         mig.set_parameters(controller.initial_parameters())  # as the engine does
-    index = 0  # grid position of the current sample: t = index * interval
-    timeout_index = math.ceil(timeout_s / interval - _EPS) if math.isfinite(timeout_s) \
-        else math.inf
-    limit_index = math.ceil(limit_s / interval - _EPS) if math.isfinite(limit_s) else math.inf
     while True:
         max_throttle = max(max_throttle, _observe(controller, mig, samples, actions))
         if mig.status in TERMINAL or mig.t >= limit_s or not math.isfinite(mig.t):
             break
-        change = mig.t + mig.next_change()
-        # the last grid point safely before the change; never past the timeout's
-        # sample or the limit
-        target: float = index + 1
-        if math.isfinite(change):
-            target = max(target, math.ceil((change - 1e-6) / interval) - 1)
-        else:
-            target = math.inf
-        if index < timeout_index:
-            target = min(target, timeout_index)
-        target = min(target, limit_index)
-        if not math.isfinite(target):
+        ahead = mig.next_change()
+        if ahead < interval - 1e-6:
+            _to_change(mig, interval)  # the change, or the next sample if it comes first
+            continue
+        # the last sample safely before the change; never past the timeout's sample or
+        # the limit
+        skip: float = max(1, math.ceil((ahead - 1e-6) / interval) - 1) \
+            if math.isfinite(ahead) else math.inf
+        if mig.t < timeout_s - _EPS and math.isfinite(timeout_s):
+            skip = min(skip, math.ceil((timeout_s - mig.t) / interval - _EPS))
+        if math.isfinite(limit_s):
+            skip = min(skip, max(1, math.ceil((limit_s - mig.t) / interval - _EPS)))
+        if not math.isfinite(skip):
             break  # nothing will ever change and there is no limit: stop here
-        nxt = int(target)
-        mig.advance(nxt * interval - mig.t)
-        index = nxt
+        mig.advance(int(skip) * interval)
     return _run(controller, mig, actions, samples, max_throttle)

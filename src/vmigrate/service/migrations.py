@@ -287,7 +287,7 @@ class MigrationService:
                 "(--policy) or a tier that allows more")
         update: dict[str, Any] = {"assessed": Assessed(
             first_pass=start.remaining, dirty_rate=start.dirty_rate, wss=start.wss,
-            bandwidth=start.bandwidth, at=a.at)}
+            bandwidth=start.bandwidth, at=a.at, link=start.link)}
         if opts.postcopy_allowed and not postcopy_worth_enabling(start, controller.path):
             update.update(postcopy_allowed=False, postcopy_unneeded=True)
         return opts.model_copy(update=update)

@@ -144,8 +144,10 @@ class FakeMigration:
         self.sim.dirty_rate = profile.dirty_rate
         self.sim.link_rate = (self.cluster.link_rate(self.source.host, self.dest.host)
                               if self._up() else 0.0)
-        before = self.sim.status
+        before, passes = self.sim.status, self.sim.iteration
         self.sim.advance(seconds)
+        if self.sim.iteration > passes and self.source.capabilities.get("events", False):
+            self.cluster._emit(self.source, "MIGRATION_PASS", {"pass": self.sim.iteration})
         if self.sim.status == "completed":
             if before == "postcopy-active":
                 self._complete()
