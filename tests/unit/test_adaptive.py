@@ -438,7 +438,7 @@ def test_an_operator_s_cap_is_never_overridden() -> None:
     assert controller.initial_parameters()["max-bandwidth"] == 10 * MiB
 
 
-@pytest.mark.parametrize("level", (0.0, 0.1, 0.25))
+@pytest.mark.parametrize("level", (0.0, 0.1, 0.25, 0.5))
 def test_pacing_a_calm_guest_saves_the_backlog_at_the_switchover(level: float) -> None:
     """The same path, paced and not: the unpaced one waits for the link's queues."""
     link = 25e6
@@ -451,10 +451,10 @@ def test_pacing_a_calm_guest_saves_the_backlog_at_the_switchover(level: float) -
 
 
 def test_a_busier_converging_guest_is_not_paced() -> None:
-    """Half the link: pacing would make every pass leave more to send again."""
+    """0.65 of the link: pacing would make every pass leave much more to send again."""
     opts = MigrationOptions(policy=BUILTIN["adaptive"])
     setup = plan_setup(opts)
-    start = Situation(remaining=RAM, dirty_rate=12.5e6, wss=64 * MiB, bandwidth=23e6,
+    start = Situation(remaining=RAM, dirty_rate=0.65 * 24e6, wss=64 * MiB, bandwidth=23e6,
                       link=24e6)
     controller = make_controller(opts, setup, start=start, wss=64 * MiB, bandwidth=23e6)
     assert isinstance(controller, AdaptiveController)
