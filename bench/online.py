@@ -114,7 +114,7 @@ STRATEGIES = {"vmigrate": True, "libvirt-like": False}
 def request(strat: str, vm: str) -> MigrationRequest:
     """The online migration of ``vm`` to h2 for strategy ``strat``."""
     return MigrationRequest(vm=vm, dest="h2", mode="online", policy="balanced",
-                            tls=STRATEGIES[strat])
+                            tls=STRATEGIES[strat], insecure=not STRATEGIES[strat])
 
 
 def pool(inv: Inventory, host: str) -> Path:

@@ -18,6 +18,8 @@ and says whose fault it is through its class:
       the guest image); the message says what to install or run.
     ``HostError`` -- a host could not do what was asked.
         ``HostUnreachableError`` -- no SSH session could be opened.
+        ``HostKeyError`` -- the host's SSH key is not the one recorded for it
+          (changed, or none recorded): nothing was run on it (exit status 7).
         ``CommandError`` -- a command on the host exited non-zero; carries
           argv, exit status and stderr.
         ``NbdError`` -- an NBD server refused a request (carries the errno
@@ -36,9 +38,17 @@ and says whose fault it is through its class:
         ``TransferIntegrityError`` -- the stream did not authenticate (wrong
           key, altered frames) or the copy does not match its source; nothing
           was marked complete.
+        ``DestinationFullError`` -- the destination ran out of space (ENOSPC,
+          EDQUOT); the partial copy is kept, and rerunning the transfer once there
+          is room resumes it (exit status 8).
+        ``TransferStalledError`` -- the stream moved no byte for its deadline
+          (link cut, peer hung); what was committed stays, a rerun resumes.
     ``LabError`` -- building or tearing down the lab failed.
     ``StoreError`` -- the state database or the audit log is unreadable, of an
       unknown version, or cannot be written.
+        ``AuditUnreadableError`` -- the audit log or the controller's audit key
+          cannot be read at all (permissions, I/O): nothing could be checked, which
+          is not evidence of tampering (exit status 9).
     ``MigrationError`` -- a migration job did not complete; its report, stored
       with the job, says where it stopped.
         ``MigrationFailed`` -- it failed before the point of no return and was
@@ -106,6 +116,21 @@ class HostError(VmigrateError):
 
 class HostUnreachableError(HostError):
     """No session to the host could be opened."""
+
+
+class HostKeyError(HostError):
+    """The SSH host key a host offered is not the one recorded for it (inventory
+    ``host_key``, or its ``known_hosts``), or none is recorded: the connection was
+    closed before anything ran. ``known`` is empty when no key is recorded."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, *, host: str, offered: str | None,
+                 known: Sequence[str] = ()) -> None:
+        self.host = host
+        self.offered = offered
+        self.known = list(known)
+        super().__init__(message)
 
 
 class CommandError(HostError):
@@ -190,6 +215,42 @@ class TransferIntegrityError(TransferError):
     exit_code = 6
 
 
+class DestinationFullError(TransferError):
+    """The destination ran out of space; the partial copy and its journal are kept, a
+    rerun resumes once there is room."""
+
+    exit_code = 8
+
+    #: errno names that mean "no room": the file system or the user's quota is full
+    ERRNOS = frozenset({"ENOSPC", "EDQUOT"})
+
+    @classmethod
+    def found_in(cls, exc: BaseException) -> bool:
+        """Whether ``exc``, or an error it was raised from or while handling, says the
+        destination is out of space (an ``OSError`` or an NBD reply with ENOSPC or
+        EDQUOT)."""
+        import errno as _errno
+
+        seen: set[int] = set()
+        cur: BaseException | None = exc
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            if isinstance(cur, cls):
+                return True
+            if isinstance(cur, OSError) and cur.errno is not None and \
+                    _errno.errorcode.get(cur.errno) in cls.ERRNOS:
+                return True
+            if isinstance(cur, NbdError) and cur.errno_name in cls.ERRNOS:
+                return True
+            cur = cur.__cause__ or cur.__context__
+        return False
+
+
+class TransferStalledError(TransferError):
+    """The transfer stream moved no byte, either way, for its deadline (the link was
+    cut or the other end hung); what was committed stays, a rerun resumes."""
+
+
 class LabError(VmigrateError):
     """Building or tearing down the lab failed."""
 
@@ -197,6 +258,13 @@ class LabError(VmigrateError):
 class StoreError(VmigrateError):
     """The state database or the audit log is unreadable, of an unknown version, or
     cannot be written."""
+
+
+class AuditUnreadableError(StoreError):
+    """The audit log or the controller's audit key could not be read (permissions, an
+    I/O error, a key file that is not a key): nothing was checked or changed."""
+
+    exit_code = 9
 
 
 class MigrationError(VmigrateError):

@@ -66,9 +66,11 @@ __all__ = [
     "SERVER_CERT",
     "SERVER_KEY",
     "CertInfo",
+    "TlsFiles",
     "ca_exists",
     "ca_info",
     "cert_info",
+    "check_migration",
     "create_ca",
     "host_credentials",
     "is_secret",
@@ -76,6 +78,7 @@ __all__ = [
     "record_dir",
     "record_issued",
     "write_local",
+    "x509_dn",
 ]
 
 CA_CERT = "ca-cert.pem"
@@ -185,12 +188,18 @@ def ca_info(dir: Path) -> CertInfo:
 # -- host credentials ------------------------------------------------------------
 
 
-def host_credentials(ca_dir: Path, host: str, addresses: Sequence[str]) -> dict[str, bytes]:
+def host_credentials(ca_dir: Path, host: str, addresses: Sequence[str], *,
+                     now: dt.datetime | None = None, days: int = CERT_DAYS
+                     ) -> dict[str, bytes]:
     """Issue a server and a client certificate for ``host``, signed by the CA in
     ``ca_dir``; return the five files QEMU reads (see :data:`QEMU_FILES`).
 
-    The server certificate names DNS=``host`` and every entry of ``addresses``
-    (IP addresses as IP SANs, names as DNS SANs). Raises
+    Both name the host as ``O=vmigrate, CN=<host>`` (the client certificate's DN is
+    what a destination's ``tls-authz`` allows, see :func:`x509_dn`) and as
+    DNS=``host`` plus every entry of ``addresses`` in their subjectAltName (IP
+    addresses as IP SANs, names as DNS SANs: the source checks the destination's
+    certificate against the address it connects to). ``now`` and ``days`` set the
+    validity (tests issue expired certificates with them). Raises
     :class:`EnvironmentError_` without a CA, :class:`ConfigError` for an invalid
     host name or address or an unusable (e.g. expired) CA.
     """
@@ -208,7 +217,7 @@ def host_credentials(ca_dir: Path, host: str, addresses: Sequence[str]) -> dict[
         if ip not in ips:
             ips.append(ip)
     ca_cert, ca_key = _load_ca(ca_dir)
-    now = _now()
+    now = now or _now()
     if ca_cert.not_valid_after_utc <= now + dt.timedelta(days=1):
         raise ConfigError(
             f"the CA in {ca_dir} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}: create a "
@@ -216,8 +225,10 @@ def host_credentials(ca_dir: Path, host: str, addresses: Sequence[str]) -> dict[
         )
     sans = [*(x509.DNSName(n) for n in dns_names), *(x509.IPAddress(ip) for ip in ips)]
     server_key, client_key = _new_key(), _new_key()
-    server = _leaf(ca_cert, ca_key, server_key, host, sans, ExtendedKeyUsageOID.SERVER_AUTH, now)
-    client = _leaf(ca_cert, ca_key, client_key, host, sans, ExtendedKeyUsageOID.CLIENT_AUTH, now)
+    server = _leaf(ca_cert, ca_key, server_key, host, sans, ExtendedKeyUsageOID.SERVER_AUTH,
+                   now, days)
+    client = _leaf(ca_cert, ca_key, client_key, host, sans, ExtendedKeyUsageOID.CLIENT_AUTH,
+                   now, days)
     pem = serialization.Encoding.PEM
     return {
         CA_CERT: ca_cert.public_bytes(pem),
@@ -280,16 +291,140 @@ def cert_info(pem: bytes) -> CertInfo:
 
 def issued_by(cert_pem: bytes, ca_cert_pem: bytes) -> bool:
     """Was the certificate signed by this CA (issuer name and signature)?"""
+    return _signed_by(_load_cert(cert_pem, "certificate"), _load_cert(ca_cert_pem, "certificate"))
+
+
+# -- authorisation: who may connect to a destination ------------------------------
+
+
+def x509_dn(cert_pem: bytes) -> str:
+    """The certificate's subject as QEMU's ``tls-authz`` matches it: the distinguished
+    name GnuTLS prints (``gnutls_x509_crt_get_dn``), its RDNs in the order they are
+    encoded, RFC 4514 escaping (``O=vmigrate,CN=h1`` for our certificates: seen on
+    QEMU 7.2 / GnuTLS 3.7, which refuses the reversed ``CN=h1,O=vmigrate``).
+    :class:`ConfigError` if ``cert_pem`` is not a certificate."""
+    cert = _load_cert(cert_pem, "certificate")
+    return ",".join(rdn.rfc4514_string() for rdn in cert.subject.rdns)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The public half of one host's QEMU credentials (its ``tls_path``): the CA it
+    trusts, and its server and client certificates (PEM)."""
+
+    host: str
+    ca: bytes
+    server: bytes
+    client: bytes
+
+
+def check_migration(src: TlsFiles, dst: TlsFiles, dest_address: str, *,
+                    now: dt.datetime | None = None) -> list[str]:
+    """What stops the source ``src`` from migrating over TLS to ``dst``, which it
+    reaches at ``dest_address`` (its migration address); [] when nothing does.
+
+    Checks what QEMU's handshake will check, so that it fails here with a reason
+    instead of in the middle of a job: the four certificates in use (both CAs, the
+    source's client certificate, the destination's server certificate) are valid
+    now; both hosts trust the same CA, which issued both certificates; the
+    destination's server certificate names ``dest_address`` (IP SAN, or DNS SAN for a
+    name) and is for server authentication; the source's client certificate names
+    the source host (its CN or a DNS SAN) and is for client authentication."""
+    now = now or _now()
+    problems: list[str] = []
+    certs: dict[str, x509.Certificate] = {}
+    for label, pem in ((f"{src.host}'s CA certificate ({CA_CERT})", src.ca),
+                       (f"{src.host}'s client certificate ({CLIENT_CERT})", src.client),
+                       (f"{dst.host}'s CA certificate ({CA_CERT})", dst.ca),
+                       (f"{dst.host}'s server certificate ({SERVER_CERT})", dst.server)):
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            problems.append(f"{label} is not a PEM certificate")
+            continue
+        certs[label] = cert
+        if cert.not_valid_before_utc > now:
+            problems.append(f"{label} is not valid before "
+                            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+        if cert.not_valid_after_utc <= now:
+            problems.append(f"{label} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if len(certs) < 4:
+        return problems
+    src_ca, client, dst_ca, server = certs.values()
+    for label, ca in ((f"{src.host}'s {CA_CERT}", src_ca), (f"{dst.host}'s {CA_CERT}", dst_ca)):
+        if not _is_ca(ca):
+            problems.append(f"{label} is not a CA certificate (basicConstraints CA:TRUE)")
+    if src_ca.fingerprint(hashes.SHA256()) != dst_ca.fingerprint(hashes.SHA256()):
+        problems.append(f"{src.host} and {dst.host} trust different CAs "
+                        f"({src_ca.subject.rfc4514_string()} and "
+                        f"{dst_ca.subject.rfc4514_string()}): issue both from one CA")
+    if not _signed_by(server, src_ca):
+        problems.append(f"{dst.host}'s server certificate was not issued by the CA "
+                        f"{src.host} trusts ({src_ca.subject.rfc4514_string()})")
+    if not _signed_by(client, dst_ca):
+        problems.append(f"{src.host}'s client certificate was not issued by the CA "
+                        f"{dst.host} trusts ({dst_ca.subject.rfc4514_string()})")
+    s_dns, s_ips = _sans(server)
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        ca = x509.load_pem_x509_certificate(ca_cert_pem)
-    except ValueError as exc:
-        raise ConfigError(f"not a PEM certificate: {exc}") from exc
+        wanted = ipaddress.ip_address(dest_address)
+        names_it = any(ipaddress.ip_address(ip) == wanted for ip in s_ips)
+    except ValueError:
+        names_it = dest_address.lower() in (n.lower() for n in s_dns)
+    if not names_it:
+        named = ", ".join([*s_dns, *s_ips]) or "nothing"
+        problems.append(f"{dst.host}'s server certificate does not name its migration "
+                        f"address {dest_address} (it names {named}): reissue it "
+                        f"('vmigrate certs issue {dst.host}')")
+    c_dns, _c_ips = _sans(client)
+    cns = [str(a.value) for a in client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if src.host not in cns and src.host.lower() not in (n.lower() for n in c_dns):
+        problems.append(f"{src.host}'s client certificate is for "
+                        f"{client.subject.rfc4514_string()}, not {src.host}")
+    if not _has_purpose(server, ExtendedKeyUsageOID.SERVER_AUTH):
+        problems.append(f"{dst.host}'s server certificate is not for server authentication")
+    if not _has_purpose(client, ExtendedKeyUsageOID.CLIENT_AUTH):
+        problems.append(f"{src.host}'s client certificate is not for client authentication")
+    return problems
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def _sans(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return (list(san.get_values_for_type(x509.DNSName)),
+            [str(ip) for ip in san.get_values_for_type(x509.IPAddress)])
+
+
+def _has_purpose(cert: x509.Certificate, purpose: x509.ObjectIdentifier) -> bool:
+    """No extendedKeyUsage: any purpose (as GnuTLS has it)."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return purpose in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
+
+
+def _load_cert(pem: bytes, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM {what}: {exc}") from exc
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -334,6 +469,7 @@ def _leaf(
     sans: list[x509.GeneralName],
     purpose: x509.ObjectIdentifier,
     now: dt.datetime,
+    days: int = CERT_DAYS,
 ) -> x509.Certificate:
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
@@ -344,7 +480,7 @@ def _leaf(
             ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value)
     except x509.ExtensionNotFound:
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    not_after = min(now + dt.timedelta(days=CERT_DAYS), ca_cert.not_valid_after_utc)
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)

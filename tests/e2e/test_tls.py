@@ -8,10 +8,15 @@ this in production). Both load ``tls-creds-x509`` from their host's ``tls_path``
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
+import json
 import re
 import secrets
-import shlex
+import shutil
+import subprocess
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +24,14 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.e2e.conftest import Lab
-from tests.e2e.test_vms import qemu_pids
+from tests.e2e.test_live import audit_size, slow_links, vm_pid_on  # noqa: F401 (fixture)
+from tests.e2e.test_vms import qemu_pids, wait_for_console
 from vmigrate import pki
 from vmigrate.cli import certs as certs_cli
 from vmigrate.config import HostConfig, dump_inventory
 from vmigrate.hosts import Host, open_host
+from vmigrate.lab.disks import thin_raw_image
+from vmigrate.lab.links import host_netns
 from vmigrate.lab.probe import DowntimeProbe, ProbeResult
 from vmigrate.qemu import process
 from vmigrate.qemu.argv import build_argv
@@ -49,7 +57,7 @@ async def wait_memcheck(host: Host, log: str, *, above: int, timeout: float) -> 
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
-        res = await host.sh(f"cat {shlex.quote(log)} 2>/dev/null", check=False)
+        res = await host.run(["cat", "--", log], check=False)
         text = res.stdout
         passes = [n for n in memchecks(text) if n > above]
         if passes:
@@ -68,8 +76,9 @@ def create_guest(lab: Lab, name: str) -> tuple[VMSpec, str]:
 async def start_incoming(host: Host, cfg: HostConfig, spec: VMSpec) -> int:
     """The same VM on ``cfg`` waiting for a migration (``-incoming defer``); its PID."""
     paths = process.vm_paths(cfg, spec.name)
-    q = shlex.quote(paths.dir)
-    await host.sh(f"mkdir -p {q} && rm -f {q}/qmp.sock {q}/console.sock {q}/qemu.pid")
+    d = paths.dir
+    await host.run(["mkdir", "-p", "--", d])
+    await host.run(["rm", "-f", "--", f"{d}/qmp.sock", f"{d}/console.sock", f"{d}/qemu.pid"])
     await process._setup_taps(host, cfg, spec)
     argv = build_argv(spec, paths, binary=cfg.qemu_binary, accel="tcg", incoming="defer")
     await host.run(argv)
@@ -224,3 +233,193 @@ async def test_destination_with_another_ca_fails_and_source_runs(
         await host2.close()
     assert res2.returncode == 0, res2.stderr
     assert qemu_pids(lab) == []
+
+
+# -- TLS that authorises (issue 13) -------------------------------------------------------
+#
+# One guest with a disk for the module (booted once); the refusals in begin run first,
+# then an online migration during which another host's certificate knocks on the
+# destination's NBD export and migration port from h1's namespace.
+
+AUTHZ_VM = "tlsauthz"
+MiB = 1 << 20
+
+
+def _records(lab: Lab, after: int) -> list[dict[str, Any]]:
+    path = lab.home / "audit.jsonl"
+    if not path.exists():  # a fresh lab: no job yet
+        return []
+    out = []
+    for line in path.read_bytes()[after:].decode(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def _find(obj: object, key: str, value: str) -> dict[str, Any] | None:
+    """The first dict inside ``obj`` holding ``key: value`` (the record layout may nest)."""
+    if isinstance(obj, dict):
+        if obj.get(key) == value:
+            return obj
+        children: Iterable[object] = obj.values()
+    elif isinstance(obj, list):
+        children = obj
+    else:
+        return None
+    for child in children:
+        found = _find(child, key, value)
+        if found is not None:
+            return found
+    return None
+
+
+def _wait_decision(lab: Lab, decision: str, after: int, timeout: float = 120
+                   ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in _records(lab, after):
+            found = _find(rec, "decision", decision)
+            if found is not None:
+                return found
+        time.sleep(0.05)
+    raise AssertionError(f"no {decision} decision in the audit log")
+
+
+def _netns_run(lab: Lab, host: str, argv: list[str], timeout: float = 30
+               ) -> subprocess.CompletedProcess[str]:
+    ns = host_netns(lab.home, host, lab.name)
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
+                          timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+
+
+def _inventory_with(lab: Lab, tmp: Path, **h2: object) -> Path:
+    cfg2 = lab.inventory.host("h2").model_copy(update=h2)
+    inv = lab.inventory.model_copy(update={"hosts": {**lab.inventory.hosts, "h2": cfg2}})
+    path = tmp / f"inv-{secrets.token_hex(3)}.toml"
+    path.write_text(dump_inventory(inv))
+    return path
+
+
+@pytest.fixture(scope="module")
+def authz_guest(lab: Lab) -> Iterator[str]:
+    h1_pool = lab.inventory.host("h1").pools["local"]
+    h1_pool.mkdir(parents=True, exist_ok=True)
+    disk = h1_pool / f"{AUTHZ_VM}.raw"
+    # 32 MiB of random data: the mirror takes seconds over a slowed link (the NBD
+    # export and the migration port stay open until the switchover anyway)
+    thin_raw_image(disk, 128 * MiB, 32 * MiB)
+    res = lab.cli("vm", "create", AUTHZ_VM, "--host", "h1", "--memory", "128M",
+                  "--workload", "idle", "--disk", f"{disk},format=raw,cache=none")
+    try:
+        assert res.returncode == 0, res.stderr
+        wait_for_console(lab, AUTHZ_VM, r"VMIGRATE READY", timeout=120)
+        yield AUTHZ_VM
+    finally:
+        # a job left waiting for an operator keeps the VM locked: settle it first
+        jobs = lab.cli_json("job", "list", "--active")
+        assert isinstance(jobs, list)
+        for j in jobs:
+            if j["vm"] == AUTHZ_VM and j["status"] == "needs-operator":
+                lab.cli("job", "resolve", j["id"], "--keep", "destination", "--yes")
+        lab.cli("vm", "destroy", AUTHZ_VM)
+        for host in ("h1", "h2"):
+            for p in lab.inventory.host(host).pools["local"].glob(f"{AUTHZ_VM}*"):
+                p.unlink(missing_ok=True)
+        assert qemu_pids(lab) == []
+
+
+def _nothing_started(lab: Lab, vm: str, report: dict[str, Any]) -> None:
+    assert report["status"] == "failed" and report["phase"] == "begin", report
+    assert vm_pid_on(lab, "h2", vm) is None
+    assert vm_pid_on(lab, "h1", vm) is not None
+    assert list(lab.inventory.host("h2").pools["local"].glob(f"{vm}*")) == []
+    state = lab.cli_json("vm", "show", vm)
+    assert isinstance(state, dict) and state["host"] == "h1" and state["state"] == "running"
+
+
+@pytest.mark.parametrize("case", ["expired", "other-ca"])
+def test_begin_refuses_expired_or_foreign_certificates(lab: Lab, authz_guest: str,
+                                                       tmp_path: Path, case: str) -> None:
+    assert lab.inventory.lab is not None
+    cfg2 = lab.inventory.host("h2")
+    addresses = [cfg2.address, str(cfg2.migration_address)]
+    if case == "expired":
+        long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+        files = pki.host_credentials(lab.inventory.lab.dir / "pki", "h2", addresses,
+                                     now=long_ago, days=30)
+    else:
+        pki.create_ca(tmp_path / "rogue-ca")
+        files = pki.host_credentials(tmp_path / "rogue-ca", "h2", addresses)
+    tls = cfg2.data_dir / f"tls-{case}"
+    pki.write_local(tls, files)
+    try:
+        inv = _inventory_with(lab, tmp_path, tls_dir=tls)
+        res = lab.cli("--config", str(inv), "migrate", authz_guest, "--to", "h2",
+                      "--mode", "online", "--json")
+        assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-2000:])
+        report = json.loads(res.stdout)
+        print(f"\n{case}: exit {res.returncode}: {report['error']}")
+        _nothing_started(lab, authz_guest, report)
+    finally:
+        shutil.rmtree(tls, ignore_errors=True)
+
+
+def test_only_the_source_may_connect_during_a_migration(
+        lab: Lab, authz_guest: str, tmp_path: Path,
+        slow_links: Callable[[str], None]) -> None:  # noqa: F811
+    assert lab.inventory.lab is not None
+    cfg1, cfg2 = lab.inventory.host("h1"), lab.inventory.host("h2")
+    # a certificate of the lab's own CA for a host that is not the job's source
+    h3 = tmp_path / "h3-tls"
+    pki.write_local(h3, pki.host_credentials(lab.inventory.lab.dir / "pki", "h3",
+                                             ["10.99.0.3"]))
+    slow_links("80mbit")
+    offset = audit_size(lab)
+    proc = lab.popen("migrate", authz_guest, "--to", "h2", "--mode", "online", "--json")
+    tries: dict[str, subprocess.CompletedProcess[str]] = {}
+    try:
+        nbd = _wait_decision(lab, "nbd-export", offset)
+        address, port, export = nbd["address"], int(nbd["port"]), nbd["exports"][0]
+        assert nbd["authz"] == f"O=vmigrate,CN={cfg1.name}", nbd
+
+        def nbd_info(tls_dir: Path) -> subprocess.CompletedProcess[str]:
+            return _netns_run(lab, "h1", [
+                "qemu-img", "info", "--object",
+                f"tls-creds-x509,id=t0,dir={tls_dir},endpoint=client",
+                "--image-opts",
+                f"driver=nbd,host={address},port={port},export={export},tls-creds=t0"])
+
+        tries["nbd-h3"] = nbd_info(h3)
+        tries["nbd-h1"] = nbd_info(cfg1.tls_path)  # the control: the source's own
+        # the migration port: the destination QEMU's other listening socket
+        qpid = vm_pid_on(lab, "h2", authz_guest)
+        ss = _netns_run(lab, "h2", ["ss", "-Hltnp"]).stdout
+        ports = {int(m.group(1)) for m in re.finditer(
+            rf"{re.escape(address)}:(\d+)\s.*pid={qpid},", ss)}
+        mig_ports = sorted(ports - {port})
+        assert len(mig_ports) == 1, ss
+        tries["migration-h3"] = _netns_run(lab, "h1", [
+            "openssl", "s_client", "-connect", f"{address}:{mig_ports[0]}",
+            "-cert", str(h3 / pki.CLIENT_CERT), "-key", str(h3 / pki.CLIENT_KEY),
+            "-CAfile", str(h3 / pki.CA_CERT), "-verify_return_error", "-quiet"],
+            timeout=20)
+        after = _netns_run(lab, "h2", ["ss", "-Hltn"]).stdout
+        tries_listening = f"{address}:{mig_ports[0]}" in after
+        out, errs = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the controller we started, by its PID
+            proc.communicate()
+    for name, res in tries.items():
+        print(f"\n{name}: exit {res.returncode}: {(res.stderr or res.stdout).strip()[-300:]}")
+    assert tries["nbd-h3"].returncode != 0
+    assert tries["nbd-h1"].returncode == 0, tries["nbd-h1"].stderr
+    assert tries_listening  # h3's handshake did not take the destination's listener
+    assert proc.returncode == 0, errs[-3000:]
+    report = json.loads(out)
+    assert report["status"] == "completed" and report["tls"] is True
+    assert report["verification"]["dest_running"] is True
+    log = (cfg2.data_dir / "vms" / authz_guest / "qemu.log").read_text(errors="replace")
+    denied = [line for line in log.splitlines() if "authz" in line]
+    print("destination QEMU:", *denied[-3:], sep="\n  ")
+    assert any("CN=h3" in line for line in denied)

@@ -116,7 +116,8 @@ def run_pair(src: Path, dst: Path, *, send_key: str, recv_key: str, damage: Any 
                                                     subprocess.CompletedProcess[str]]:
     """One sender and one receiver on loopback, optionally through a damaging proxy."""
     recv = subprocess.Popen([*VMIGRATE, "transfer", "receive", str(dst),
-                             "--listen", "127.0.0.1:0"], stdin=subprocess.PIPE,
+                             f"--allow-dir={dst.parent}", "--listen", "127.0.0.1:0"],
+                            stdin=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     proxy = None
     try:
@@ -124,7 +125,7 @@ def run_pair(src: Path, dst: Path, *, send_key: str, recv_key: str, damage: Any 
         recv.stdin.write(recv_key + "\n")
         recv.stdin.flush()
         port = None
-        err_lines = []
+        err_lines: list[str] = []
         while port is None:
             line = recv.stderr.readline()
             assert line, f"receiver ended: {err_lines}"

@@ -30,7 +30,6 @@ import pytest
 
 from vmigrate.audit.log import AuditLog, read, verify
 from vmigrate.config import HostConfig, Inventory
-from vmigrate.drivers.base import Driver
 from vmigrate.errors import ConflictError, StoreError
 from vmigrate.migration.job import Timing
 from vmigrate.migration.report import MigrationReport
@@ -38,7 +37,7 @@ from vmigrate.qemu.spec import DiskSpec, NicSpec, VMSpec
 from vmigrate.service.migrations import MigrationRequest, MigrationService
 from vmigrate.store import Store
 from vmigrate.testing.fakehv import ControllerCrash, FakeCluster, Fault
-from vmigrate.transfer.mover import PARTIAL_SUFFIX, Mover
+from vmigrate.transfer.mover import PARTIAL_SUFFIX
 
 MiB = 1 << 20
 VM = "vm1"
@@ -57,15 +56,6 @@ def host(n: int) -> HostConfig:
                       pools={"local": Path(LOCAL), "shared": Path(SHARED)})
 
 
-class FakeBackend:
-    def __init__(self, cluster: FakeCluster) -> None:
-        self.cluster = cluster
-
-    def driver(self, cfg: HostConfig) -> Driver:
-        return self.cluster.driver(cfg.name)
-
-    def mover(self, drivers: Mapping[str, Driver]) -> Mover:
-        return self.cluster.mover
 
 
 @dataclass
@@ -95,7 +85,7 @@ class World:
 
     def service(self) -> MigrationService:
         return MigrationService(self.inventory, self.store, self.audit,
-                                backend=FakeBackend(self.cluster), timing=FAST)
+                                backend=self.cluster.backend(), timing=FAST)
 
     def request(self, **kw: Any) -> MigrationRequest:
         # the fake guest powers off within a few calls: no need to wait a minute for it

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from typer.testing import CliRunner
@@ -305,8 +305,100 @@ def test_cli_init_issue_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert shown["ca"]["subject"] == "CN=vmigrate CA,O=vmigrate"
     assert [(h["host"], h["keys"], h["from_this_ca"]) for h in shown["hosts"]] == [
         ("a", "local", True), ("b", "pushed", True)]
+    assert [h["authz_dn"] for h in shown["hosts"]] == ["O=vmigrate,CN=a", "O=vmigrate,CN=b"]
     res = runner.invoke(certs_cli.app, ["show"])
     assert res.exit_code == 0 and "vmigrate CA" in res.output
 
     res = runner.invoke(certs_cli.app, ["--help"])
     assert res.exit_code == 0 and "init" in res.output and "issue" in res.output
+
+
+# -- authorisation: x509 DN and the checks of begin --------------------------------------
+
+
+def files(creds: dict[str, bytes], host: str) -> pki.TlsFiles:
+    return pki.TlsFiles(host, creds[pki.CA_CERT], creds[pki.SERVER_CERT],
+                        creds[pki.CLIENT_CERT])
+
+
+@pytest.fixture(scope="module")
+def pair(ca_dir: Path) -> tuple[pki.TlsFiles, pki.TlsFiles]:
+    h1 = pki.host_credentials(ca_dir, "h1", ["10.240.1.11", "10.241.1.11"])
+    h2 = pki.host_credentials(ca_dir, "h2", ["10.240.1.12", "10.241.1.12"])
+    return files(h1, "h1"), files(h2, "h2")
+
+
+def test_x509_dn_is_in_encoding_order(creds: dict[str, bytes]) -> None:
+    # what QEMU 7.2 / GnuTLS matches tls-authz identities against (tried on this
+    # machine's qemu-nbd: "O=vmigrate,CN=h1" is allowed, "CN=h1,O=vmigrate" refused)
+    assert pki.x509_dn(creds[pki.CLIENT_CERT]) == "O=vmigrate,CN=h1"
+    name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "GB"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "A, B+C"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "h1")])
+    key = serialization.load_pem_private_key(creds[pki.CLIENT_KEY], password=None)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key())  # type: ignore[arg-type]
+            .serial_number(1).not_valid_before(dt.datetime(2020, 1, 1))
+            .not_valid_after(dt.datetime(2030, 1, 1))
+            .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    assert pki.x509_dn(pem) == r"C=GB,O=A\, B\+C,CN=h1"
+    with pytest.raises(ConfigError):
+        pki.x509_dn(b"garbage")
+
+
+def test_a_good_pair_passes(pair: tuple[pki.TlsFiles, pki.TlsFiles]) -> None:
+    src, dst = pair
+    assert pki.check_migration(src, dst, "10.241.1.12") == []
+    assert pki.check_migration(dst, src, "10.241.1.11") == []
+
+
+def test_destination_must_name_the_address(pair: tuple[pki.TlsFiles, pki.TlsFiles]) -> None:
+    src, dst = pair
+    problems = pki.check_migration(src, dst, "10.241.1.99")
+    assert len(problems) == 1 and "10.241.1.99" in problems[0]
+    # the source's certificate is h1's: offering it as another host's is refused
+    assert len(pki.check_migration(pki.TlsFiles("h3", src.ca, src.server, src.client), dst,
+                                   "10.241.1.12")) == 1
+
+
+def test_expired_and_future_certificates(ca_dir: Path,
+                                         pair: tuple[pki.TlsFiles, pki.TlsFiles]) -> None:
+    src, _dst = pair
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+    old = files(pki.host_credentials(ca_dir, "h2", ["10.241.1.12"], now=long_ago, days=30),
+                "h2")
+    problems = pki.check_migration(src, old, "10.241.1.12")
+    assert len(problems) == 1 and "expired" in problems[0]
+    # the source's client certificate too
+    old1 = files(pki.host_credentials(ca_dir, "h1", ["10.241.1.11"], now=long_ago, days=30),
+                 "h1")
+    assert len(pki.check_migration(old1, pair[1], "10.241.1.12")) == 1
+    later = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    assert len(pki.check_migration(src, pair[1], "10.241.1.12", now=later)) >= 1
+
+
+def test_another_ca_is_refused(tmp_path: Path,
+                               pair: tuple[pki.TlsFiles, pki.TlsFiles]) -> None:
+    src, _dst = pair
+    pki.create_ca(tmp_path / "rogue")
+    rogue = files(pki.host_credentials(tmp_path / "rogue", "h2", ["10.241.1.12"]), "h2")
+    problems = pki.check_migration(src, rogue, "10.241.1.12")
+    # different CAs, and each certificate not issued by the other side's CA
+    assert len(problems) == 3
+    # a destination that trusts the right CA but shows a rogue server certificate
+    mixed = pki.TlsFiles("h2", src.ca, rogue.server, rogue.client)
+    assert len(pki.check_migration(src, mixed, "10.241.1.12")) == 1
+    bad = pki.TlsFiles("h2", b"junk", rogue.server, rogue.client)
+    assert pki.check_migration(src, bad, "10.241.1.12") == [
+        "h2's CA certificate (ca-cert.pem) is not a PEM certificate"]
+
+
+def test_certificates_swapped_for_the_wrong_purpose(
+        pair: tuple[pki.TlsFiles, pki.TlsFiles]) -> None:
+    src, dst = pair
+    # a client certificate offered as the server's (and the other way round)
+    swapped = pki.check_migration(pki.TlsFiles("h1", src.ca, src.client, src.server),
+                                  pki.TlsFiles("h2", dst.ca, dst.client, dst.server),
+                                  "10.241.1.12")
+    assert len(swapped) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_transfer_fuzz import Sink
 from vmigrate.errors import SpecError, TransferIntegrityError, UserError
 from vmigrate.service.migrations import parse_cutover
 from vmigrate.transfer import wire
@@ -77,15 +78,6 @@ def test_journal_reopens_with_unsynced_records_and_cuts_a_torn_tail(tmp_path: Pa
 def test_frames_authenticate_and_bind_sequence_and_meta() -> None:
     key, salt = os.urandom(32), os.urandom(16)
 
-    class Sink:
-        def __init__(self) -> None:
-            self.data = bytearray()
-
-        def write(self, b: bytes) -> None:
-            self.data += b
-
-        async def drain(self) -> None:
-            return None
 
     async def go() -> None:
         sink = Sink()

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, TypeVar, cast
 
+import typer
 from rich.console import Console
 
 from vmigrate.config import Inventory, load_inventory, state_home
@@ -47,6 +49,26 @@ CTX = Context()
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion on a fresh event loop."""
     return asyncio.run(coro)
+
+
+# -- option checks (bad input: exit status 2, nothing done) -------------------------------------
+
+
+def positive(value: float | None) -> float | None:
+    """An option callback: a finite number above 0 (seconds, a timeout), or unset.
+
+    Raises :class:`typer.BadParameter` (exit status 2, one line) for ``-1``, ``0``, ``nan``
+    or ``inf``."""
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise typer.BadParameter(f"{value:g} is not a positive number")
+    return value
+
+
+def non_negative(value: float | None) -> float | None:
+    """An option callback: a finite number from 0 up, or unset."""
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise typer.BadParameter(f"{value:g} is not 0 or a positive number")
+    return value
 
 
 def print_json(data: object) -> None:

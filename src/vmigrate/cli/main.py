@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 
 from vmigrate import __version__
-from vmigrate.cli import audit, certs, lab, migrate, plan, transfer, transfer_ends, vm
+from vmigrate.cli import audit, certs, host, lab, migrate, plan, transfer, transfer_ends, vm
 from vmigrate.cli._common import CTX, err
 from vmigrate.errors import VmigrateError
 
@@ -29,6 +29,7 @@ app.add_typer(lab.app, name="lab")
 app.add_typer(migrate.job_app, name="job")
 app.add_typer(certs.app, name="certs")
 app.add_typer(audit.app, name="audit")
+app.add_typer(host.app, name="host")
 app.command("assess")(plan.assess)
 app.command("plan")(plan.plan)
 app.command("migrate")(migrate.migrate)

@@ -10,7 +10,16 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from vmigrate.audit.log import AuditLog
-from vmigrate.cli._common import CTX, err, out, print_json, run, survive_terminal
+from vmigrate.cli._common import (
+    CTX,
+    err,
+    non_negative,
+    out,
+    positive,
+    print_json,
+    run,
+    survive_terminal,
+)
 from vmigrate.config import state_home
 from vmigrate.errors import ConflictError, UserError
 from vmigrate.migration.report import MigrationReport, load_report
@@ -187,8 +196,8 @@ def migrate(
         "verified), start it on the destination. warm: copy the disks while the guest "
         "runs, then incremental rounds; it stops only for the last delta.")] = "live",
     shutdown_timeout: Annotated[float, typer.Option(
-        help="cold/warm: seconds the guest gets to power off after the ACPI button.")
-    ] = 60.0,
+        help="cold/warm: seconds the guest gets to power off after the ACPI button.",
+        callback=positive)] = 60.0,
     force: Annotated[bool, typer.Option(
         help="cold/warm: stop the guest hard when it did not power off in time "
         "(--no-force: fail instead, the guest runs on).")] = True,
@@ -211,7 +220,7 @@ def migrate(
         "(README: Convergence policies).")] = DEFAULT_POLICY,
     downtime_ms: Annotated[int | None, typer.Option(
         help="Downtime limit in ms (overrides the policy's): the starting limit of a "
-        "fixed policy, the most an adaptive one may take.")] = None,
+        "fixed policy, the most an adaptive one may take.", callback=positive)] = None,
     bandwidth: Annotated[str | None, typer.Option(
         help="Bandwidth cap, bytes/s (100M, 1G) or bits (800mbit).")] = None,
     parallel: Annotated[int | None, typer.Option(
@@ -219,13 +228,21 @@ def migrate(
     compress: Annotated[str | None, typer.Option(
         help="zstd (with --parallel) or xbzrle (delta pages).")] = None,
     timeout: Annotated[float | None, typer.Option(
-        help="Seconds before the policy's timeout action (abort or complete).")] = None,
+        help="Seconds before the policy's timeout action (abort or complete).",
+        callback=positive)] = None,
     tls: Annotated[bool, typer.Option(help="Encrypt the stream with the hosts' x509 "
-                                      "credentials. --no-tls is recorded in the report.")
+                                      "credentials; only the source host's certificate may "
+                                      "connect to the destination. --no-tls is recorded in "
+                                      "the report and needs --insecure for live and online.")
                    ] = True,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="With --no-tls: accept that anyone on the migration network may "
+        "connect to the destination's migration port and (online) its writable NBD "
+        "export while the migration runs.")] = False,
     max_age: Annotated[float, typer.Option(
         help="auto, and the prediction kept in the report: reuse an assessment of this "
-        "route younger than this many seconds.")] = DEFAULT_MAX_AGE_S,
+        "route younger than this many seconds.", callback=non_negative)
+    ] = DEFAULT_MAX_AGE_S,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Move a VM to another host and print the migration report.
@@ -241,7 +258,10 @@ def migrate(
     Exit status 0 when the migration completed, 1 when it failed or was cancelled
     (rolled back), 4 when it needs an operator (nothing was destroyed, the VM stays
     locked: see 'vmigrate job show' and 'vmigrate job recover'), 5 when the VM moved
-    but the checks after the switchover failed (it needs an operator too).
+    but the checks after the switchover failed (it needs an operator too). A job
+    refused in begin (nothing was started) exits with its error's status: 2 a wrong
+    request (e.g. TLS certificates that are expired, of another CA, or do not name
+    the hosts), 3 a missing prerequisite, 7 a host whose SSH key is not the recorded one.
     """
     if mode not in MODE_CHOICES:
         raise typer.BadParameter(f"use one of {', '.join(MODE_CHOICES)}", param_hint="--mode")
@@ -249,6 +269,7 @@ def migrate(
     req = MigrationRequest(
         vm=name, dest=to, mode=mode, policy=policy, downtime_ms=downtime_ms,
         bandwidth=bandwidth, parallel=parallel, compress=compress, timeout=timeout, tls=tls,
+        insecure=insecure,
         target_storage=target_storage, target_format=target_format,
         delete_source=delete_source, shutdown_timeout=shutdown_timeout, force=force,
         cutover=cutover)
@@ -282,7 +303,8 @@ def migrate(
             raise typer.Exit(5)
         raise typer.Exit(4)
     if report.status != "completed":
-        raise typer.Exit(1)
+        # refused in begin: the error's own status (2 a wrong request, 7 a host key ...)
+        raise typer.Exit(report.exit_status or 1)
 
 
 def _job_row(j: JobRecord) -> dict[str, Any]:
@@ -381,7 +403,8 @@ def job_recover(
 def job_resolve(
     job_id: Annotated[str, typer.Argument(help="Job waiting for an operator.")],
     keep: Annotated[str, typer.Option(
-        "--keep", help="destination: the guest stays where it runs now (the source QEMU "
+        "--keep", help="destination (or dest): the guest stays where it runs now (the "
+        "source QEMU "
         "is stopped and released); source: the destination QEMU is stopped and the guest "
         "runs on the source again (resumed, or booted from its own disks).")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking (needed "
@@ -392,13 +415,19 @@ def job_resolve(
     looked at both hosts: keep the guest on the destination or on the source. The VM
     is unlocked afterwards. No image is deleted.
 
+    It first asks both hosts what runs where and refuses (exit status 2, nothing
+    changed, the VM stays locked) a decision that would lose the guest or that it
+    cannot check: a host that does not answer; keeping the destination when no
+    complete guest runs there or a post-copy has not finished; keeping the source
+    when neither its QEMU nor its disks are there. What it found is printed.
+
     Keeping the source after the point of no return resurrects the guest as it was
     when it left: on shared storage the destination may have written to its disks
     since. 'vmigrate job recover' is the automatic way (it finishes or rolls back what
     the hosts allow); this is for what it cannot decide.
     """
-    if keep not in ("destination", "source"):
-        raise typer.BadParameter("use destination or source", param_hint="--keep")
+    if keep not in ("destination", "dest", "source"):
+        raise typer.BadParameter("use destination (or dest) or source", param_hint="--keep")
     store = CTX.store()
     job = store.get_job(job_id)
     if not yes:

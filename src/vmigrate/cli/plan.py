@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vmigrate.cli._common import CTX, err, out, print_json, run
+from vmigrate.cli._common import CTX, err, non_negative, out, positive, print_json, run
 from vmigrate.config import Inventory
 from vmigrate.errors import UserError
 from vmigrate.plan.assessment import Assessment, DirtyWindow
@@ -219,10 +219,10 @@ def plan(
     bandwidth: Annotated[str | None, typer.Option(
         help="Bandwidth cap the migration would run under (100M, 800mbit).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(
-        help="cold/warm: seconds the guest gets to power off.")] = 60.0,
+        help="cold/warm: seconds the guest gets to power off.", callback=positive)] = 60.0,
     max_age: Annotated[float, typer.Option(
         help="Reuse a stored assessment of the route younger than this many seconds; "
-        "otherwise assess now.")] = DEFAULT_MAX_AGE_S,
+        "otherwise assess now.", callback=non_negative)] = DEFAULT_MAX_AGE_S,
     windows: WindowsOpt = 3,
     window_seconds: WindowSOpt = 1,
     probe_seconds: ProbeOpt = 2.0,

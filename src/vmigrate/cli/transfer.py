@@ -108,7 +108,9 @@ def copy_disk(
     against the source; until then it is DST.vmxfer-partial.
 
     Exit status: 0 copied and verified; 1 failed (rerun to resume); 2 bad
-    request; 6 the stream or the copy did not verify (wrong key, altered data).
+    request; 6 the stream or the copy did not verify (wrong key, altered data);
+    8 the destination is out of space (the partial copy is kept: free space and
+    rerun to resume).
     """
     if transport not in ("auto", "ssh", "tcp"):
         raise UserError("--transport is auto, ssh or tcp")

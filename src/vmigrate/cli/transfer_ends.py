@@ -66,17 +66,33 @@ WindowOpt = Annotated[int, typer.Option(help="Bytes in flight before waiting for
 
 @app.command("receive")
 def receive(
-    target: Annotated[Path, typer.Argument(help="Where the image goes.")],
+    target: Annotated[str, typer.Argument(
+        help="Where the image goes: a normalised absolute path under an --allow-dir.")],
+    allow_dir: Annotated[list[str] | None, typer.Option(
+        "--allow-dir", help="A directory the target may lie under (repeat it; at least "
+        "one). The controller passes the host's pools and transfer_dirs.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing target (a regular file only). Only this flag decides, "
+        "never the sender.")] = False,
     listen: Annotated[str | None, typer.Option(
-        help="ADDRESS:PORT to accept the sender's TCP connection on (port 0: any).")] = None,
+        help="ADDRESS:PORT to accept the sender's TCP connection on (port 0: any); the "
+        "first connection whose HELLO authenticates is the session.")] = None,
     stdio: Annotated[bool, typer.Option(
         help="The stream is on stdin/stdout, after the key line.")] = False,
 ) -> None:
-    """Receive one transfer (run by the controller on the destination host)."""
+    """Receive one transfer (run by the controller on the destination host).
+
+    It writes only TARGET, TARGET.vmxfer-partial and TARGET.vmxfer-journal, under an
+    allowed directory, opened without following symbolic links. Exit status: 0 done,
+    1 failed (rerun resumes), 2 bad request (nothing written), 6 integrity failure.
+    """
     if (listen is None) == (not stdio):
         raise UserError("give exactly one of --listen ADDRESS:PORT and --stdio")
-    target = target.absolute()
-    sys.exit(agent.run(lambda: agent.receive(target, listen=listen)))
+    if not allow_dir:
+        raise UserError("give at least one --allow-dir: the receiver writes nowhere else")
+    allowed = [Path(d) for d in allow_dir]
+    sys.exit(agent.run(lambda: agent.receive(Path(target), allowed=allowed,
+                                             overwrite=overwrite, listen=listen)))
 
 
 @app.command("send")
@@ -101,14 +117,13 @@ def send(
     window: WindowOpt = 16 << 20,
     final: Annotated[bool, typer.Option(
         help="Last round: verify and rename. --no-final: an incremental round.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing target.")] = False,
 ) -> None:
     """Send one transfer (run by the controller on the source host)."""
     if (connect is None) == (not stdio):
         raise UserError("give exactly one of --connect ADDRESS:PORT and --stdio")
     bw = str(int(float(bandwidth) * 8)) + "bit" if bandwidth and bandwidth.isdigit() \
         else bandwidth
-    opts = _options(target_format, chunk_size, cipher, compress, verify, bw, final, overwrite,
+    opts = _options(target_format, chunk_size, cipher, compress, verify, bw, final, False,
                     window)
     source = source.absolute() if source is not None else None
     sys.exit(agent.run(lambda: agent.send(

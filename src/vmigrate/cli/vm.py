@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from vmigrate.cli._common import CTX, out, print_json, run
+from vmigrate.cli._common import CTX, out, positive, print_json, run
 from vmigrate.errors import UserError
 from vmigrate.service.vms import CreateRequest, VmInfo, VmService
 
@@ -37,6 +37,8 @@ def _render(info: VmInfo) -> None:
     table.add_row("state", info.state.value)
     table.add_row("pid", str(info.pid) if info.pid else "-")
     table.add_row("vcpus / memory", f"{spec.vcpus} / {spec.memory_mib} MiB")
+    table.add_row("machine / cpu", f"{spec.machine} / "
+                  + (spec.cpu.describe() if spec.cpu else "host's (no model of its own)"))
     for i, disk in enumerate(spec.disks):
         table.add_row(f"disk{i}", f"{disk.path} ({disk.format}, {disk.bus})")
     for i, nic in enumerate(spec.nics):
@@ -62,7 +64,8 @@ def create(
         typer.Option(
             "--disk", metavar="PATH[,OPT=V]",
             help="Disk image on the host: PATH[,format=raw|qcow2][,bus=virtio|ide|scsi]"
-            "[,cache=none|writeback]. Repeat for more disks; the first one boots.",
+            "[,cache=none|writeback][,readonly=on]. A comma in PATH is written ',,'. "
+            "Repeat for more disks; the first one boots.",
         ),
     ] = None,
     kernel: Annotated[str | None, typer.Option(help="Boot this kernel instead of a disk.")] = None,
@@ -90,8 +93,16 @@ def create(
             "Repeat for more; replaces the default NIC.",
         ),
     ] = None,
-    machine: Annotated[str, typer.Option(help="QEMU machine type (pc, q35, pc-i440fx-7.2 ...).")
-                       ] = "pc",
+    machine: Annotated[str, typer.Option(
+        help="QEMU machine type (pc, q35, pc-i440fx-7.2 ...); an alias is stored as the "
+        "versioned type the host's QEMU resolves it to.")] = "pc",
+    cpu: Annotated[str | None, typer.Option(
+        "--cpu", metavar="MODEL[,+FEAT|-FEAT]",
+        help="Guest CPU model: a baseline (x86-64-v2-AES, x86-64-v2, x86-64-v3, x86-64-v4) "
+        "or a QEMU model (Nehalem, Skylake-Client-v4 ...), with features switched on or off "
+        "(+aes, -x2apic). Default: the host's vm_cpu, the inventory's [defaults] cpu, else "
+        "x86-64-v2-AES. 'host' only on hosts the inventory declares identical (cpu_group). "
+        "Refused if the host cannot give every feature.")] = None,
     start: Annotated[bool, typer.Option(help="Start the VM after defining it.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -105,7 +116,7 @@ def create(
     req = CreateRequest(
         name=name, host=host, memory=memory, vcpus=vcpus, disks=list(disk or []),
         kernel=kernel, initrd=initrd, append=append, workload=workload, ip=ip, nic=not no_nic,
-        nics=list(nics or []), machine=machine, start=start,
+        nics=list(nics or []), machine=machine, start=start, cpu=cpu,
     )
 
     async def go() -> VmInfo:
@@ -138,7 +149,8 @@ def stop(
     name: Annotated[str, typer.Argument(help="VM name.")],
     force: Annotated[bool, typer.Option(help="Stop at once (QMP quit, then signals).")] = False,
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the guest's ACPI shutdown.")
+        float, typer.Option(help="Seconds to wait for the guest's ACPI shutdown.",
+                            callback=positive)
     ] = 30.0,
 ) -> None:
     """Shut a VM down: ACPI power button, or at once with --force.
@@ -157,7 +169,12 @@ def stop(
 
 @app.command()
 def destroy(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
-    """Stop a VM hard if it runs and remove it from vmigrate. Disk images are kept."""
+    """Stop a VM hard if it runs and remove it from vmigrate. Disk images are kept.
+
+    Refused (exit status 2, nothing stopped) while a migration job locks the VM: a
+    running job, one waiting for an operator, or a job of another controller holding
+    the VM's lock file on its host. The same holds for start, stop and qmp.
+    """
 
     async def go() -> None:
         async with _service() as svc:

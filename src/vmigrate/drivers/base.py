@@ -37,10 +37,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from vmigrate.config import HostConfig
+from vmigrate.pki import TlsFiles
 from vmigrate.plan.convergence import Sample
+from vmigrate.qemu.cpu import QemuOffer
 from vmigrate.qemu.images import ImageFormat, ImageInfo
 from vmigrate.qemu.process import VmState
-from vmigrate.qemu.spec import VMSpec
+from vmigrate.qemu.spec import CpuSpec, VMSpec
 
 __all__ = [
     "BlockJob",
@@ -153,6 +155,19 @@ class Monitor(ABC):
         """Send gratuitous announcements of the guest's NICs (RARP), so switches learn
         where it runs now."""
 
+    # -- the guest's hardware (vmigrate.qemu.cpu) -----------------------------------
+
+    @abstractmethod
+    async def machine_type(self) -> str:
+        """The versioned machine type the guest runs (``pc-i440fx-7.2``), whatever
+        alias (``pc``) started it."""
+
+    @abstractmethod
+    async def qemu_offer(self, cpus: Sequence[CpuSpec]) -> QemuOffer:
+        """What the QEMU that runs this VM offers (machine types, CPU models, static
+        expansions of ``cpus``): the process's own answer, which may differ from the
+        host's binary if QEMU was upgraded since the VM started."""
+
     # -- migration -------------------------------------------------------------------
 
     @abstractmethod
@@ -169,8 +184,15 @@ class Monitor(ABC):
         """Add x509 credentials from ``directory`` (verify-peer on), named ``obj_id``."""
 
     @abstractmethod
+    async def add_authz(self, obj_id: str, identity: str) -> None:
+        """Add an ``authz-simple`` object named ``obj_id`` allowing the one x509
+        distinguished name ``identity`` (see :func:`vmigrate.pki.x509_dn`): a server
+        endpoint given it as ``tls-authz`` (migration parameter, NBD server) refuses
+        every client certificate with another subject."""
+
+    @abstractmethod
     async def remove_object(self, obj_id: str) -> None:
-        """Remove an object added by :meth:`add_tls`."""
+        """Remove an object added by :meth:`add_tls` or :meth:`add_authz`."""
 
     @abstractmethod
     async def listen(self, uri: str) -> None:
@@ -217,10 +239,13 @@ class Monitor(ABC):
     # -- block devices, NBD, bitmaps --------------------------------------------------
 
     @abstractmethod
-    async def nbd_server_start(self, address: NbdAddress, *,
-                               tls_id: str | None = None) -> None:
-        """Start the VM's NBD server (one per VM). A taken port raises
-        :class:`QmpCommandError`."""
+    async def nbd_server_start(self, address: NbdAddress, *, tls_id: str | None = None,
+                               tls_authz: str | None = None,
+                               max_connections: int | None = None) -> None:
+        """Start the VM's NBD server (one per VM). ``tls_authz``: the id of an object
+        added by :meth:`add_authz` (only that client may connect); ``max_connections``:
+        the server stops accepting clients while that many are connected. A taken
+        port raises :class:`QmpCommandError`."""
 
     @abstractmethod
     async def nbd_server_stop(self) -> None:
@@ -317,6 +342,11 @@ class Driver(ABC):
     async def tls_missing(self) -> list[str]:
         """The TLS credential files QEMU needs that the host lacks (all present: [])."""
 
+    @abstractmethod
+    async def tls_files(self) -> TlsFiles:
+        """The public certificates in the host's TLS directory (CA, server, client; never
+        a key). :class:`HostError` when one cannot be read."""
+
     # -- VMs ------------------------------------------------------------------------
 
     @abstractmethod
@@ -360,6 +390,13 @@ class Driver(ABC):
     @abstractmethod
     async def console_size(self, vm: str) -> int:
         """The console log's size in bytes (0 when there is none)."""
+
+    @abstractmethod
+    async def qemu_offer(self, cpus: Sequence[CpuSpec]) -> QemuOffer:
+        """What the host's QEMU binary offers with the host's accelerator: its machine
+        types, its CPU models with the features the host cannot give, and a static
+        expansion of each of ``cpus`` (asked of a probe that runs no guest:
+        :mod:`vmigrate.qemu.probe`). :class:`CommandError` when the probe fails."""
 
     def runtime_dir(self, vm: str) -> str:
         """Where the VM's runtime files live on the host."""

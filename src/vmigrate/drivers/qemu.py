@@ -17,15 +17,22 @@ from typing import Any, Literal
 
 from vmigrate.config import HostConfig
 from vmigrate.drivers.base import BlockJob, Driver, EventWaiter, Monitor, NbdAddress
-from vmigrate.errors import HostError, QmpConnectionError, QmpError
+from vmigrate.errors import (
+    HostError,
+    HostKeyError,
+    QmpCommandError,
+    QmpConnectionError,
+    QmpError,
+)
 from vmigrate.hosts import Host, open_host
-from vmigrate.pki import QEMU_FILES
+from vmigrate.pki import CA_CERT, CLIENT_CERT, QEMU_FILES, SERVER_CERT, TlsFiles
 from vmigrate.plan.convergence import Sample
-from vmigrate.qemu import images, process
+from vmigrate.qemu import images, probe, process
+from vmigrate.qemu.cpu import QemuOffer
 from vmigrate.qemu.images import ImageFormat, ImageInfo
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import QmpSession, qmp_session
-from vmigrate.qemu.spec import VMSpec
+from vmigrate.qemu.spec import CpuSpec, VMSpec
 
 #: a monitor that does not answer a command within this long is taken as lost
 DEFAULT_TIMEOUT_S = 20.0
@@ -120,6 +127,26 @@ class QemuMonitor(Monitor):
         await self._run("announce-self", {"initial": initial_ms, "max": max_ms,
                                           "rounds": rounds, "step": step_ms})
 
+    # -- the guest's hardware
+
+    async def machine_type(self) -> str:
+        # the machine object's QOM type: "pc-i440fx-7.2-machine"
+        qom = str(await self._run("qom-get", {"path": "/machine", "property": "type"}))
+        return qom.removesuffix("-machine")
+
+    async def qemu_offer(self, cpus: Sequence[CpuSpec]) -> QemuOffer:
+        kvm = await self._run("query-kvm")
+        replies: dict[str, Mapping[str, Any]] = {}
+        for qid, command, args in probe.queries(cpus):
+            try:
+                replies[qid] = {"return": await self._run(command, args)}
+            except QmpCommandError as exc:
+                if not qid.startswith("x:"):
+                    raise
+                replies[qid] = {"error": {"desc": str(exc)}}
+        accel = "kvm" if isinstance(kvm, dict) and kvm.get("enabled") else "tcg"
+        return probe.offer_from_replies(replies, cpus, accel)
+
     # -- migration
 
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
@@ -136,6 +163,10 @@ class QemuMonitor(Monitor):
         await self._run("object-add", {"qom-type": "tls-creds-x509", "id": obj_id,
                                        "dir": directory, "endpoint": endpoint,
                                        "verify-peer": True})
+
+    async def add_authz(self, obj_id: str, identity: str) -> None:
+        await self._run("object-add", {"qom-type": "authz-simple", "id": obj_id,
+                                       "identity": identity})
 
     async def remove_object(self, obj_id: str) -> None:
         await self._run("object-del", {"id": obj_id})
@@ -178,8 +209,9 @@ class QemuMonitor(Monitor):
 
     # -- block
 
-    async def nbd_server_start(self, address: NbdAddress, *,
-                               tls_id: str | None = None) -> None:
+    async def nbd_server_start(self, address: NbdAddress, *, tls_id: str | None = None,
+                               tls_authz: str | None = None,
+                               max_connections: int | None = None) -> None:
         addr: dict[str, object]
         if address.unix is not None:
             addr = {"type": "unix", "data": {"path": address.unix}}
@@ -188,6 +220,10 @@ class QemuMonitor(Monitor):
         args: dict[str, object] = {"addr": addr}
         if tls_id:
             args["tls-creds"] = tls_id
+        if tls_authz:
+            args["tls-authz"] = tls_authz
+        if max_connections is not None:
+            args["max-connections"] = max_connections
         await self._run("nbd-server-start", args)
 
     async def nbd_server_stop(self) -> None:
@@ -282,6 +318,16 @@ class QemuDriver(Driver):
     async def tls_missing(self) -> list[str]:
         return await self.host.missing([f"{self.config.tls_path}/{f}" for f in QEMU_FILES])
 
+    async def tls_files(self) -> TlsFiles:
+        base = self.config.tls_path
+        ca, server, client = [await self.host.read_file(str(base / name))
+                              for name in (CA_CERT, SERVER_CERT, CLIENT_CERT)]
+        return TlsFiles(self.name, ca, server, client)
+
+    async def qemu_offer(self, cpus: Sequence[CpuSpec]) -> QemuOffer:
+        return await probe.probe_host(self.host, self.config.qemu_binary, self.config.accel,
+                                      cpus)
+
     # -- VMs
 
     def _paths(self, vm: str) -> Any:
@@ -295,6 +341,8 @@ class QemuDriver(Driver):
             if not await self.vm_exists(vm):
                 return VmState.STOPPED
             status = await self.monitor(vm).run_state(timeout=10)
+        except HostKeyError:
+            raise  # not an unknown state: the host must not be talked to at all
         except (HostError, QmpError):
             return VmState.UNKNOWN
         return process.run_state(status)

@@ -1,4 +1,10 @@
-"""The transport-neutral host interface."""
+"""The transport-neutral host interface.
+
+Commands are argv lists. A host that must turn one into text (SSH sends a command line
+to the remote user's shell) does it with :func:`quote_argv` and nothing else. Shell
+scripts run on hosts are constants that take their inputs as positional parameters
+(``sh -c SCRIPT sh ARG...``), never text built from inputs.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vmigrate.errors import CommandError
+from vmigrate.errors import CommandError, HostError
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """The one quoting function: ``argv`` as one POSIX shell command line whose words
+    are exactly ``argv`` (each word single-quoted where needed).
+
+    Raises :class:`HostError` for an empty argv or a word holding a NUL character,
+    which no command line can carry."""
+    if not argv:
+        raise HostError("an empty command cannot be run")
+    if any("\0" in word for word in argv):
+        raise HostError(f"{argv[0]!r}: an argument holds a NUL character; not run")
+    return shlex.join(argv)
+
+
+#: write stdin to "$1.tmp", then rename it over "$1" (constant: the path is a parameter)
+_WRITE_SCRIPT = 'cat > "$1.tmp" && mv -f -- "$1.tmp" "$1"'
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,13 @@ class Host(ABC):
     async def spawn(self, argv: Sequence[str]) -> HostProcess:
         """Start ``argv`` with pipes for stdin, stdout and stderr."""
 
+    async def _run_argv(self, argv: Sequence[str], stdin: bytes | None,
+                        timeout: float | None) -> tuple[int, bytes, bytes]:
+        """:meth:`_exec` after the refusals of :func:`quote_argv`, the same on every
+        transport (a NUL in a word raises :class:`HostError`; nothing runs)."""
+        quote_argv(argv)
+        return await self._exec(list(argv), stdin, timeout)
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection, if any."""
 
@@ -99,7 +129,10 @@ class Host(ABC):
         stdin: bytes | None = None,
         timeout: float | None = 120.0,
     ) -> CommandResult:
-        status, out, err = await self._exec(list(argv), stdin, timeout)
+        """Run ``argv`` (a list: never shell text) and wait for its end.
+
+        Raises :class:`HostError` before anything runs when a word holds a NUL."""
+        status, out, err = await self._run_argv(argv, stdin, timeout)
         result = CommandResult(
             tuple(argv),
             status,
@@ -110,33 +143,31 @@ class Host(ABC):
             raise CommandError(self.name, argv, status, result.stderr or result.stdout)
         return result
 
-    async def sh(self, script: str, *, check: bool = True, timeout: float | None = 120.0
-                 ) -> CommandResult:
-        """Run a POSIX shell snippet."""
-        return await self.run(["sh", "-c", script], check=check, timeout=timeout)
-
     async def read_file(self, path: str) -> bytes:
-        status, out, err = await self._exec(["cat", "--", path], None, 60.0)
+        status, out, err = await self._run_argv(["cat", "--", path], None, 60.0)
         if status != 0:
             raise CommandError(self.name, ["cat", path], status, err.decode(errors="replace"))
         return out
 
     async def read_head(self, path: str, length: int) -> bytes:
         """The first ``length`` bytes of ``path`` (fewer if it is shorter)."""
-        status, out, err = await self._exec(["head", "-c", str(length), "--", path], None, 120.0)
+        status, out, err = await self._run_argv(["head", "-c", str(length), "--", path], None,
+                                                120.0)
         if status != 0:
             raise CommandError(self.name, ["head", path], status, err.decode(errors="replace"))
         return out
 
     async def write_file(self, path: str, data: bytes) -> None:
-        q = shlex.quote(path)
-        script = f"cat > {q}.tmp && mv -f {q}.tmp {q}"
-        status, _out, err = await self._exec(["sh", "-c", script], data, 60.0)
+        """Write ``data`` to ``path`` through ``path.tmp`` renamed over it: after a
+        failure ``path`` is as it was (a ``path.tmp`` may be left). The path reaches the
+        host as an argv word, never as shell text."""
+        argv = ["sh", "-c", _WRITE_SCRIPT, "sh", path]
+        status, _out, err = await self._run_argv(argv, data, 60.0)
         if status != 0:
             raise CommandError(self.name, ["write", path], status, err.decode(errors="replace"))
 
     async def exists(self, path: str) -> bool:
-        status, _out, _err = await self._exec(["test", "-e", path], None, 30.0)
+        status, _out, _err = await self._run_argv(["test", "-e", path], None, 30.0)
         return status == 0
 
     async def missing(self, paths: Sequence[str]) -> list[str]:

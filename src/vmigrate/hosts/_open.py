@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
-from vmigrate.config import HostConfig, Inventory
+from vmigrate.config import HostConfig, Inventory, state_home
 from vmigrate.hosts._base import Host
 from vmigrate.hosts._local import LocalHost
 from vmigrate.hosts._ssh import SSHHost
 
+#: vmigrate's own known_hosts (under $VMIGRATE_HOME) for hosts whose inventory entry
+#: names none; 'vmigrate host trust' writes it
+KNOWN_HOSTS = "known_hosts"
+
+
+def known_hosts_path(cfg: HostConfig) -> Path:
+    """Where ``cfg``'s SSH host key is recorded: its ``known_hosts``, else
+    ``$VMIGRATE_HOME/known_hosts`` (never the user's ``~/.ssh/known_hosts``)."""
+    return cfg.known_hosts if cfg.known_hosts is not None else state_home() / KNOWN_HOSTS
+
 
 def open_host(cfg: HostConfig) -> Host:
-    """A host object for ``cfg``; SSH connects lazily on first use."""
+    """A host object for ``cfg``; SSH connects lazily on first use, and only to a host
+    whose key is pinned (``host_key``) or recorded (:func:`known_hosts_path`)."""
     if cfg.transport == "local":
         return LocalHost(cfg.name)
     return SSHHost(
@@ -20,7 +32,8 @@ def open_host(cfg: HostConfig) -> Host:
         port=cfg.port,
         user=cfg.user,
         key=cfg.key,
-        known_hosts=cfg.known_hosts,
+        known_hosts=known_hosts_path(cfg),
+        host_key=cfg.host_key,
     )
 
 

@@ -72,8 +72,8 @@ def link_bytes(home: Path, host: str, name: str | None = None) -> tuple[int, int
     counts them (IP and TCP headers included): an independent wire measurement."""
     _state, _plan, hp = find_host(home, host, name)
     base = Path("/sys/class/net") / hp.mig_if / "statistics"
-    script = f"cat {base}/rx_bytes {base}/tx_bytes"
-    res = subprocess.run(["ip", "netns", "exec", hp.netns, "sh", "-c", script],
+    res = subprocess.run(["ip", "netns", "exec", hp.netns, "cat", "--", str(base / "rx_bytes"),
+                          str(base / "tx_bytes")],
                          capture_output=True, text=True, check=False)
     fields = res.stdout.split()
     if res.returncode != 0 or len(fields) != 2:

@@ -45,6 +45,7 @@ from vmigrate.config import (
     Inventory,
     LabConfig,
     dump_inventory,
+    load_inventory,
     parse_inventory,
 )
 from vmigrate.errors import (
@@ -651,7 +652,7 @@ def _remove_lab_inventory(home: Path, name: str, labdir: Path) -> str | None:
     """Delete ``<home>/vmigrate.toml`` if it is this lab's inventory."""
     path = home / CONFIG_NAME
     try:
-        inv = parse_inventory(path.read_text(), str(path))
+        inv = load_inventory(path)
     except FileNotFoundError:
         return None
     except ConfigError:
@@ -724,7 +725,7 @@ def _refuse_if_taken(home: Path, name: str) -> None:
     path = home / CONFIG_NAME
     if path.exists():
         try:
-            inv = parse_inventory(path.read_text(), str(path))
+            inv = load_inventory(path)
         except ConfigError as exc:
             raise ConflictError(
                 f"{path} exists and is not a lab inventory ({exc}); the lab will not "
@@ -757,7 +758,7 @@ def _resolve_name(home: Path, name: str | None) -> str | None:
         return validate_name(name)
     path = home / CONFIG_NAME
     with contextlib.suppress(FileNotFoundError, ConfigError):
-        inv = parse_inventory(path.read_text(), str(path))
+        inv = load_inventory(path)
         if inv.lab is not None:
             return validate_name(inv.lab.name)
     labs = _labs(home)

@@ -49,7 +49,7 @@ from vmigrate.errors import (
 )
 from vmigrate.migration.job import UNDO, Job, PointOfNoReturnPassed
 from vmigrate.migration.memory import MemoryStrategy
-from vmigrate.migration.report import Check, MigrationReport
+from vmigrate.migration.report import AuditHead, Check, MigrationReport
 from vmigrate.migration.state import Phase
 from vmigrate.migration.storage import StorageStrategy
 from vmigrate.qemu.process import VmState
@@ -302,6 +302,9 @@ class Engine:
         """Settle a failed job: finish forward or roll back (see the module doc)."""
         job = self.job
         reason = str(exc) or type(exc).__name__
+        if job.state.phase == Phase.BEGIN and isinstance(exc, VmigrateError) \
+                and exc.exit_code not in (1, 4):
+            job.report.exit_status = exc.exit_code  # refused before anything started
         if not isinstance(exc, VmigrateError):
             job.log.exception("unexpected error")
         job.tolerant = True
@@ -431,10 +434,14 @@ class Engine:
         if memory is not None or report.disks:  # everything that crossed the network
             report.bytes_transferred = (memory or 0) + sum(d.wire_bytes for d in report.disks)
         job.tolerant = True
-        job.audit("end", {"status": status, "error": error,
-                          "observed_downtime_ms": report.observed_downtime_ms,
-                          "qemu_downtime_ms": report.memory.qemu_downtime_ms
-                          if report.memory else None})
+        end = job.audit("end", {"status": status, "error": error,
+                                "observed_downtime_ms": report.observed_downtime_ms,
+                                "qemu_downtime_ms": report.memory.qemu_downtime_ms
+                                if report.memory else None})
+        if end is not None:  # the log's head after the job: kept with the job and reported
+            report.audit_head = AuditHead(seq=end.seq, hash=end.line_hash, key=end.key)
         job.save()
         job.store.end_job(job.id, status, report=report.model_dump(mode="json"), error=error,
                           phase=job.state.phase.value)
+        if end is not None:
+            job.store.set_audit_head(job.id, end.seq, end.line_hash)

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vmigrate.audit.log import AuditLog
+from vmigrate.audit.log import AuditLog, AuditRecord
 from vmigrate.drivers.base import Driver, Monitor
 from vmigrate.errors import Cancelled, NeedsOperator, StoreError
 from vmigrate.migration.report import MigrationReport
@@ -185,12 +185,12 @@ class Job:
 
     # -- evidence and display ------------------------------------------------------------
 
-    def audit(self, event: str, data: Mapping[str, Any]) -> None:
-        """Append to the audit log. A failed write fails the job before the point of
-        no return; after it (and during a rollback) it is recorded and the job goes
-        on."""
+    def audit(self, event: str, data: Mapping[str, Any]) -> AuditRecord | None:
+        """Append to the audit log and return the record. A failed write fails the job
+        before the point of no return; after it (and during a rollback) it is recorded
+        and the job goes on (None is returned)."""
         try:
-            self.audit_log.append(event, data, job=self.id)
+            return self.audit_log.append(event, data, job=self.id)
         except StoreError as exc:
             if not self.tolerant:
                 raise
@@ -198,6 +198,7 @@ class Job:
             note = f"audit record {event!r} not written: {exc}"
             if note not in self.report.cleanup_errors:
                 self.report.cleanup_errors.append(note)
+            return None
 
     def decision(self, what: str, **data: Any) -> None:
         """Audit a decision of the engine (before its side effect)."""

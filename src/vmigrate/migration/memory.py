@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from vmigrate import pki
 from vmigrate.drivers.base import CANCELLABLE_STATES, POSTCOPY_STATES, Monitor
 from vmigrate.errors import (
     ConflictError,
@@ -54,6 +55,15 @@ from vmigrate.plan.convergence import (
 )
 from vmigrate.plan.policy import describe
 from vmigrate.progress import Event
+from vmigrate.qemu.cpu import (
+    CpuCheck,
+    check_cpu,
+    check_machine,
+    cpu_requests,
+    effective_cpu,
+    parse_cpu,
+    unavailable,
+)
 from vmigrate.qemu.process import VmState
 
 #: bytes/s assumed for the link until QEMU measures it (no assessment, no cap): 1 Gbit/s
@@ -102,6 +112,64 @@ def migration_options(job: Job) -> MigrationOptions:
     return job.opts.memory_options()
 
 
+async def check_hardware(job: Job, *, live: bool) -> None:
+    """Begin: can the destination's QEMU give the guest its hardware
+    (:mod:`vmigrate.qemu.cpu`)? Asks the source's QEMU (``live``: the process that runs
+    the guest) and a probe of the destination's; allocates nothing.
+
+    Live and online (``live``): the guest keeps its machine type and CPU across the
+    move. A destination whose QEMU lacks the versioned machine type the source runs, or
+    that cannot give every CPU feature the guest has (its QEMU, its CPU, the inventory's
+    ``cpu_limit``), is refused with :class:`UserError` naming them; the spec's machine
+    type is pinned to that versioned type (a VM defined with an alias before vmigrate
+    pinned them). Cold and warm: the guest boots afresh there; a machine type the
+    destination lacks is refused (QEMU would not start it, after the copy), CPU features
+    it cannot give are a warning in the report (the guest boots without them)."""
+    st = job.state
+    src_cfg, dst_cfg = job.src.config, job.dst.config
+    cpu = effective_cpu(st.spec.cpu, src_cfg.accel)
+    limit = parse_cpu(dst_cfg.cpu_limit) if dst_cfg.cpu_limit else None
+    there = await job.dst.qemu_offer(cpu_requests(cpu, limit))
+    if live:
+        mon = job.src_monitor()
+        machine = await mon.machine_type()
+        here = await mon.qemu_offer(cpu_requests(cpu))
+    else:
+        machine = there.resolve_machine(st.spec.machine) or st.spec.machine
+    problem = check_machine(machine, there, job.dst.name)
+    if problem is not None:
+        raise UserError(problem)
+    if live:
+        verdict = check_cpu(cpu, here, there, dst_name=job.dst.name, dst_limit=limit,
+                            identical=src_cfg.cpu_group is not None
+                            and src_cfg.cpu_group == dst_cfg.cpu_group,
+                            explicit=st.spec.cpu is not None)
+        missing, problems = verdict.missing, verdict.problems
+    else:
+        missing, problems = unavailable(cpu, there, limit=limit), ()
+    job.decision("hardware", machine=machine, cpu=cpu.describe(), missing=list(missing),
+                 problems=list(problems))
+    if live and (missing or problems):
+        raise UserError(f"{job.dst.name} cannot take {job.vm} live: "
+                        + CpuCheck(cpu.describe(), missing, problems).explain(
+                            job.src.name, job.dst.name)
+                        + " (a running guest keeps its CPU: choose another destination, or "
+                        "migrate it cold to boot it there without them)")
+    if missing:
+        text = (f"warning: {job.dst.name} cannot give the guest's CPU ({cpu.describe()}) "
+                f"these features: {', '.join(missing)}; it boots there without them, and "
+                "software that needs them will fail")
+        job.note(text)
+        job.say(text)
+    if st.spec.cpu is None:
+        job.note(f"{job.vm} has no CPU model of its own (defined before vmigrate gave VMs "
+                 f"one): it runs '{cpu.model}' on {job.src.name}")
+    if live and machine != st.spec.machine:  # pinned from now on, as the source runs it
+        st.spec = st.spec.model_copy(update={"machine": machine})
+        st.dest_spec = st.dest_spec.model_copy(update={"machine": machine})
+        job.save()
+
+
 async def _wait_status(mon: Monitor, wanted: set[str], timeout: float, poll: float,
                        call_timeout: float | None = None) -> str:
     deadline = time.monotonic() + timeout
@@ -142,13 +210,8 @@ class PreCopy(MemoryStrategy):
             raise ConflictError(f"a QEMU for {job.vm} already runs on {job.dst.name}")
         if job.dst.config.migration_address is None:
             raise UserError(f"host {job.dst.name} has no migration_address in the inventory")
-        if job.opts.tls:
-            for drv in (job.src, job.dst):
-                missing = await drv.tls_missing()
-                if missing:
-                    raise EnvironmentError_(
-                        f"no TLS credentials on host {drv.name} ({', '.join(missing)}): run "
-                        f"'vmigrate certs issue {drv.name}', or pass --no-tls")
+        await check_hardware(job, live=True)
+        await self._begin_tls(job, storage)
         version = await job.src_monitor().version()
         setup = plan_setup(migration_options(job), version)
         st.qemu_version = version
@@ -159,6 +222,46 @@ class PreCopy(MemoryStrategy):
                                           policy_description=describe(job.opts.policy))
         job.decision("setup", capabilities=st.capabilities, parameters=setup.parameters,
                      qemu=".".join(map(str, version)))
+
+    @staticmethod
+    async def _begin_tls(job: Job, storage: StorageStrategy) -> None:
+        """TLS that authorises: both hosts' certificates must let the source, and only
+        it, in (see :func:`vmigrate.pki.check_migration`); the source's client DN is
+        what the destination's ``tls-authz`` will allow. Without TLS, only on purpose
+        (``--insecure``), and the report says what was open."""
+        st = job.state
+        if not job.opts.tls:
+            what = ("migration port and writable NBD export" if storage.holds_destination
+                    else "migration port")
+            if not job.opts.insecure:
+                raise UserError(
+                    f"a {job.state.mode} migration without TLS leaves the destination's {what} "
+                    f"open to anyone on the migration network: pass --insecure to accept "
+                    "that, or use TLS ('vmigrate certs issue "
+                    f"{job.src.name} {job.dst.name}')")
+            job.note(f"no TLS (--insecure): the destination's {what} on "
+                     f"{job.dst.config.migration_address} accepted any client on the "
+                     "migration network until the source connected; QEMU 7.2 can bind them "
+                     "to the destination's migration address and limit the NBD server to "
+                     "the source's connections, not restrict them to the source's address")
+            return
+        for drv in (job.src, job.dst):
+            missing = await drv.tls_missing()
+            if missing:
+                raise EnvironmentError_(
+                    f"no TLS credentials on host {drv.name} ({', '.join(missing)}): run "
+                    f"'vmigrate certs issue {drv.name}', or pass --no-tls --insecure")
+        src, dst = await job.src.tls_files(), await job.dst.tls_files()
+        address = job.dst.config.migration_address
+        assert address is not None
+        problems = pki.check_migration(src, dst, address)
+        if problems:
+            raise UserError(f"the TLS credentials of {job.src.name} and {job.dst.name} do "
+                            f"not allow this migration: {'; '.join(problems)}")
+        st.tls_authz = pki.x509_dn(src.client)
+        job.decision("tls", authz=st.tls_authz, dest_address=address,
+                     server_not_after=pki.cert_info(dst.server).not_after.isoformat(),
+                     client_not_after=pki.cert_info(src.client).not_after.isoformat())
 
     # -- prepare
 
@@ -172,10 +275,13 @@ class PreCopy(MemoryStrategy):
         mon = job.dst_monitor()
         if job.opts.tls:
             await mon.add_tls(st.tls_id, str(job.dst.config.tls_path), "server")
+            # only the source's client certificate may connect (migration and NBD)
+            await mon.add_authz(st.authz_id, st.tls_authz)
         await mon.set_capabilities(setup.capabilities)
         params = dict(setup.dest_parameters)
         if job.opts.tls:
             params["tls-creds"] = st.tls_id
+            params["tls-authz"] = st.authz_id
         await mon.set_parameters(params)
         await storage.export(job)
         st.uri = await self._listen(job, mon, recover=False)
@@ -512,6 +618,7 @@ class Offline(MemoryStrategy):
         await job.dst.check_reachable()
         if await job.dst.vm_exists(job.vm):
             raise ConflictError(f"a QEMU for {job.vm} already runs on {job.dst.name}")
+        await check_hardware(job, live=False)
         job.save()
         job.report.tls = False  # the transfer stream carries its own AEAD
         job.report.stream_security = job.opts.cipher

@@ -139,6 +139,16 @@ class StepEntry(BaseModel):
     taken: bool = True
 
 
+class AuditHead(BaseModel):
+    """The audit log's head after a job: its last record (see :mod:`vmigrate.audit`)."""
+
+    seq: int
+    #: hex SHA-256 of the record's line (what the next record's ``prev`` holds)
+    hash: str
+    #: fingerprint of the key that signed it
+    key: str | None = None
+
+
 class MigrationReport(BaseModel):
     """Everything a migration measured. Serialised with ``model_dump(mode="json")``."""
 
@@ -154,6 +164,9 @@ class MigrationReport(BaseModel):
     status: Status = "running"
     phase: str = "begin"
     error: str | None = None
+    #: a job refused in begin (nothing was started): the exit status of its error (2 a
+    #: wrong request, 3 a missing prerequisite, 7 a host key); None otherwise
+    exit_status: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     #: the memory and NBD streams used TLS (cold and warm: their own AEAD, so False)
     tls: bool = True
@@ -184,6 +197,10 @@ class MigrationReport(BaseModel):
     notes: list[str] = Field(default_factory=list)
     cleanup_errors: list[str] = Field(default_factory=list)
     recovered: bool = False
+    #: the audit log's head after the job (its last record); None until the job ends
+    audit_head: AuditHead | None = None
+    #: where the hosts of the job keep their witness of that head (``host:path``)
+    audit_witnesses: list[str] = Field(default_factory=list)
 
     def add_check(self, check: Check) -> None:
         """Keep a verdict (a second verdict of the same name replaces the first)."""

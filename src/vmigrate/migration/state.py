@@ -110,6 +110,9 @@ class JobOptions(_Model):
     parallel: int | None = None
     compress: Literal["zstd", "xbzrle"] | None = None
     tls: bool = True
+    #: a memory stream (live, online) without TLS was asked for on purpose: anyone on the
+    #: migration network may connect to the destination's migration port and NBD export
+    insecure: bool = False
     #: destination pool for the disks (online, cold, warm); None: "local"
     target_storage: str | None = None
     #: None: each disk keeps its format
@@ -164,6 +167,9 @@ class JobState(_Model):
 
     # -- memory, pre-copy --
     tls_id: str = ""
+    #: the x509 DN of the source's client certificate: the only client the destination's
+    #: migration port and NBD server accept (``tls-authz``), read at begin
+    tls_authz: str = ""
     #: the source QEMU's version (major, minor, micro), read at begin
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     #: capabilities set on both sides (post-copy, pause-before-switchover ...)
@@ -211,6 +217,11 @@ class JobState(_Model):
     vm_moved: bool = False
     #: what verifiers noted before the switch (e.g. the source's last memory check)
     notes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @property
+    def authz_id(self) -> str:
+        """The destination QEMU's ``authz-simple`` object allowing :attr:`tls_authz`."""
+        return f"vmigrate-authz-{self.job}"
 
     def undo_for(self, action: str) -> Undo | None:
         """The registered undo of ``action`` (the newest), if any."""

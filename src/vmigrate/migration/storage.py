@@ -288,16 +288,24 @@ class Mirror(_Moving):
         mon = job.dst_monitor()
         addr = job.dst.config.migration_address
         tls = job.state.tls_id if job.opts.tls else None
+        # TLS: only the source's client certificate may connect (tls-authz). Without TLS
+        # (--insecure) QEMU cannot tell clients apart: the server takes no more clients
+        # than the source's (one per disk), so none once the source is connected
+        authz = job.state.authz_id if job.opts.tls else None
+        limit = None if job.opts.tls else len(job.state.disks)
 
         async def start(port: int) -> None:
-            await mon.nbd_server_start(NbdAddress(host=addr, port=port), tls_id=tls)
+            await mon.nbd_server_start(NbdAddress(host=addr, port=port), tls_id=tls,
+                                       tls_authz=authz, max_connections=limit)
 
         job.state.nbd_port = await on_free_port(start)
         job.save()
         for d in job.state.disks:
             await mon.export_add(f"export-{d.node}", d.node, d.node, writable=True)
         job.decision("nbd-export", address=addr, port=job.state.nbd_port,
-                     exports=[d.node for d in job.state.disks], tls=job.opts.tls)
+                     exports=[d.node for d in job.state.disks], tls=job.opts.tls,
+                     authz=job.state.tls_authz if job.opts.tls else None,
+                     max_connections=limit)
 
     async def start(self, job: Job) -> None:
         mon = job.src_monitor()

@@ -1,9 +1,20 @@
-"""VM spec -> QEMU command line. Pure: no I/O."""
+"""VM spec -> QEMU command line. Pure: no I/O.
+
+Quoting once: a QEMU option string (``key=value,key=value``, as ``-blockdev``,
+``-device``, ``-netdev``, ``-chardev``, ``-machine``, ``-name`` and ``-qmp`` read it) has
+every value passed through :func:`qemu_value`, the one function that escapes them
+(QEMU reads a doubled comma as a literal one), and through nothing else. Options that
+QEMU takes whole (``-kernel``, ``-initrd``, ``-append``, ``-pidfile``, ``-D``) get the
+value as it is: QEMU does not split those. The argv itself is a list: no shell ever
+sees it (remote hosts get it quoted once by :func:`vmigrate.hosts.quote_argv`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vmigrate.errors import SpecError
+from vmigrate.qemu.cpu import effective_cpu
 from vmigrate.qemu.spec import VMSpec, tap_name
 
 
@@ -34,11 +45,41 @@ class VmPaths:
         return f"{self.dir}/qemu.log"
 
 
-def _opts(**kv: str | int | None) -> str:
-    """``node_name="x", cache__direct="on"`` -> ``node-name=x,cache.direct=on``."""
-    return ",".join(
-        f"{k.replace('__', '.').replace('_', '-')}={v}" for k, v in kv.items() if v is not None
-    )
+def qemu_value(value: str | int) -> str:
+    """One value for a QEMU option string, escaped: commas doubled, so that the value
+    cannot end itself and start another option (``a,b`` -> ``a,,b``).
+
+    Raises :class:`SpecError` for a NUL character, which no argv can carry."""
+    text = str(value)
+    if "\0" in text:
+        raise SpecError("a QEMU option value cannot contain a NUL character")
+    return text.replace(",", ",,")
+
+
+def qemu_opts(first: str | None = None, **kv: str | int | None) -> str:
+    """``qemu_opts("pc", accel="tcg")`` -> ``pc,accel=tcg``; ``node_name="x",
+    cache__direct="on"`` -> ``node-name=x,cache.direct=on``. Every value, ``first`` (the
+    option's implied value, such as the machine type) included, goes through
+    :func:`qemu_value`; None values are left out. Keys are ours, never input."""
+    parts = [] if first is None else [qemu_value(first)]
+    parts += [f"{k.replace('__', '.').replace('_', '-')}={qemu_value(v)}"
+              for k, v in kv.items() if v is not None]
+    return ",".join(parts)
+
+
+
+def cpu_option(spec: VMSpec, accel: str) -> str:
+    """``-cpu``'s value: the spec's CPU model and its features (``qemu64-v1,aes=on,
+    x2apic=off``), or for a spec without one what vmigrate ran before it had CPU models
+    (:func:`vmigrate.qemu.cpu.effective_cpu`: ``host`` under KVM, ``qemu64`` under TCG).
+
+    No ``enforce``: a host that lacks a feature starts the guest without it (QEMU warns),
+    which a fresh boot survives; a running guest never meets such a host, because a live
+    or online migration's begin refuses it (:func:`vmigrate.qemu.cpu.check_cpu`), and
+    ``vm create`` refuses a model its host cannot give in full."""
+    cpu = effective_cpu(spec.cpu, accel)
+    return ",".join([qemu_value(cpu.model), *(
+        f"{qemu_value(flag[1:])}={'on' if flag[0] == '+' else 'off'}" for flag in cpu.features)])
 
 
 def build_argv(
@@ -58,9 +99,9 @@ def build_argv(
     """
     argv = [
         binary,
-        "-name", f"{spec.name},debug-threads=on",
-        "-machine", f"{spec.machine},accel={accel}",
-        "-cpu", "host" if accel == "kvm" else "qemu64",
+        "-name", qemu_opts(spec.name, debug_threads="on"),
+        "-machine", qemu_opts(spec.machine, accel=accel),
+        "-cpu", cpu_option(spec, accel),
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",
         "-nodefaults",
@@ -68,10 +109,10 @@ def build_argv(
         "-display", "none",
         "-vga", "none",
         "-pidfile", paths.pidfile,
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-qmp", "unix:" + qemu_opts(paths.qmp, server="on", wait="off"),
         "-chardev",
-        f"socket,id=serial0,path={paths.console_sock},server=on,wait=off,"
-        f"logfile={paths.console_log},logappend=on",
+        qemu_opts("socket", id="serial0", path=paths.console_sock, server="on", wait="off",
+                  logfile=paths.console_log, logappend="on"),
         "-serial", "chardev:serial0",
     ]
     if daemonize:
@@ -81,7 +122,7 @@ def build_argv(
         node = f"disk{i}"
         argv += [
             "-blockdev",
-            _opts(
+            qemu_opts(
                 driver="file", node_name=f"{node}-file", filename=disk.path,
                 cache__direct="on" if disk.cache in {"none", "directsync"} else "off",
                 discard="unmap",
@@ -89,31 +130,32 @@ def build_argv(
             "-blockdev",
             # discard=unmap: zeroes written with "may unmap" (a mirror's copy of a hole,
             # a guest's TRIM) punch holes, so thin images stay thin
-            _opts(
+            qemu_opts(
                 driver=disk.format, node_name=node, file=f"{node}-file",
                 read_only="on" if disk.readonly else "off", discard="unmap",
             ),
         ]
         bootindex = i if spec.kernel is None else None
         if disk.bus == "virtio":
-            argv += ["-device", _opts(driver="virtio-blk-pci", drive=node, id=f"{node}-dev",
-                                      bootindex=bootindex)]
+            argv += ["-device", qemu_opts(driver="virtio-blk-pci", drive=node,
+                                          id=f"{node}-dev", bootindex=bootindex)]
         elif disk.bus == "ide":
-            argv += ["-device", _opts(driver="ide-hd", drive=node, id=f"{node}-dev",
-                                      bootindex=bootindex)]
+            argv += ["-device", qemu_opts(driver="ide-hd", drive=node, id=f"{node}-dev",
+                                          bootindex=bootindex)]
         else:
             if not scsi:
                 argv += ["-device", "virtio-scsi-pci,id=scsi0"]
                 scsi = True
-            argv += ["-device", _opts(driver="scsi-hd", drive=node, id=f"{node}-dev",
-                                      bus="scsi0.0", bootindex=bootindex)]
+            argv += ["-device", qemu_opts(driver="scsi-hd", drive=node, id=f"{node}-dev",
+                                          bus="scsi0.0", bootindex=bootindex)]
     for i, nic in enumerate(spec.nics):
         argv += [
-            "-netdev", _opts(type="tap", id=f"net{i}", ifname=tap_name(spec.name, i),
-                             script="no", downscript="no"),
-            "-device", _opts(driver=nic.model, netdev=f"net{i}", mac=nic.mac, id=f"net{i}-dev",
-                             # no network-boot ROM when the kernel is given: faster boot
-                             romfile="" if spec.kernel is not None else None),
+            "-netdev", qemu_opts(type="tap", id=f"net{i}", ifname=tap_name(spec.name, i),
+                                 script="no", downscript="no"),
+            "-device", qemu_opts(driver=nic.model, netdev=f"net{i}", mac=nic.mac,
+                                 id=f"net{i}-dev",
+                                 # no network-boot ROM when the kernel is given: faster boot
+                                 romfile="" if spec.kernel is not None else None),
         ]
     if spec.kernel is not None:
         argv += ["-kernel", spec.kernel.kernel]

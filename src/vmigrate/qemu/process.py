@@ -4,13 +4,18 @@ A VM's runtime files live in ``<data_dir>/vms/<name>/`` on its host: the
 pidfile, the QMP and console sockets, the console log and QEMU's own log.
 Processes are found and stopped by the PID in the pidfile, and only when
 ``/proc/<pid>/cmdline`` names that pidfile, so a reused PID is never killed.
+
+Every command run on the host is an argv list (the bridge, tap and file names reach it
+as words, never as shell text); the one shell script, :data:`_PID_SCRIPT`, is a
+constant that takes the pidfile as a positional parameter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shlex
+import math
+import re
 import time
 from enum import StrEnum
 
@@ -22,6 +27,7 @@ from vmigrate.errors import (
     QmpError,
     SpecError,
     StateError,
+    UserError,
     VmStartError,
 )
 from vmigrate.hosts import Host
@@ -67,36 +73,91 @@ async def vm_pid(host: Host, paths: VmPaths) -> int | None:
     return int(out) if out else None
 
 
+async def _check_bridges(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
+    """Raise :class:`SpecError` for a NIC whose bridge is not on the host. Only reads."""
+    for bridge in dict.fromkeys(nic.bridge for nic in spec.nics):
+        res = await host.run(["ip", "link", "show", "dev", bridge], check=False)
+        if res.status != 0:
+            raise SpecError(f"host {host_cfg.name} has no bridge {bridge!r} for the VM's NIC")
+
+
 async def _setup_taps(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
+    """Create the VM's taps and plug them into their bridges (checked to exist by
+    :func:`check_files`). After a failure, the taps made so far stay: the caller
+    removes them (:func:`_remove_taps`)."""
     for i, nic in enumerate(spec.nics):
         tap = tap_name(spec.name, i)
-        script = (
-            f"ip link show {shlex.quote(nic.bridge)} >/dev/null 2>&1 || "
-            f"{{ echo 'no bridge {nic.bridge} on this host' >&2; exit 3; }}; "
-            f"ip link del {tap} 2>/dev/null; "
-            f"ip tuntap add dev {tap} mode tap && "
-            f"ip link set {tap} master {shlex.quote(nic.bridge)} && ip link set {tap} up"
-        )
-        res = await host.sh(script, check=False)
-        if res.status == 3:
-            raise SpecError(f"host {host_cfg.name} has no bridge {nic.bridge!r} for the VM's NIC")
-        if res.status != 0:
-            raise CommandError(host.name, ["ip", "tuntap", tap], res.status, res.stderr)
+        await host.run(["ip", "link", "del", "dev", tap], check=False)  # a stale one
+        for argv in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                     ["ip", "link", "set", "dev", tap, "master", nic.bridge],
+                     ["ip", "link", "set", "dev", tap, "up"]):
+            res = await host.run(argv, check=False)
+            if res.status != 0:
+                raise CommandError(host.name, argv, res.status, res.stderr)
 
 
 async def _remove_taps(host: Host, spec: VMSpec) -> None:
     for i in range(len(spec.nics)):
-        await host.sh(f"ip link del {tap_name(spec.name, i)} 2>/dev/null || true", check=False)
+        await host.run(["ip", "link", "del", "dev", tap_name(spec.name, i)], check=False)
+
+
+#: ``pc-i440fx-7.2   Standard PC ... (alias of ...)``: the first word of each line
+_MACHINE_LINE = re.compile(r"^([a-z0-9][a-z0-9._-]*)\s")
+#: ``name "e1000", bus PCI, alias "e1000-82540em", desc ...``
+_DEVICE_LINE = re.compile(r'^name "([^"]+)"(?:, bus ([^,]+))?(?:, alias "([^"]+)")?')
+
+
+def parse_machine_help(text: str) -> set[str]:
+    """The machine types ``qemu -machine help`` lists (aliases such as ``pc`` included)."""
+    return {m.group(1) for line in text.splitlines()[1:] if (m := _MACHINE_LINE.match(line))}
+
+
+def parse_device_help(text: str) -> set[str]:
+    """The device names (and their aliases) ``qemu -device help`` lists."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        m = _DEVICE_LINE.match(line.strip())
+        if m:
+            names.add(m.group(1))
+            if m.group(3):
+                names.add(m.group(3))
+    return names
+
+
+async def check_host(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
+    """Check on the host, before anything is created there, what only it can tell:
+    that its QEMU (``qemu_binary``) knows the spec's machine type (``-machine help``)
+    and NIC models (``-device help``). Raises :class:`SpecError` naming what is missing.
+    A binary that cannot list them is not judged here: starting it reports the error."""
+    binary = host_cfg.qemu_binary
+    res = await host.run([binary, "-machine", "help"], check=False, timeout=60)
+    machines = parse_machine_help(res.stdout) if res.status == 0 else set()
+    if machines and spec.machine not in machines:
+        raise SpecError(f"machine type {spec.machine!r} is unknown to {binary} on host "
+                        f"{host_cfg.name} (see '{binary} -machine help')")
+    models = sorted({nic.model for nic in spec.nics})
+    if not models:
+        return
+    res = await host.run([binary, "-device", "help"], check=False, timeout=60)
+    devices = parse_device_help(res.stdout) if res.status == 0 else set()
+    unknown = [m for m in models if m not in devices]
+    if devices and unknown:
+        raise SpecError(f"NIC model {', '.join(unknown)} is unknown to {binary} on host "
+                        f"{host_cfg.name} (see '{binary} -device help')")
 
 
 async def check_files(host: Host, host_cfg: HostConfig, spec: VMSpec) -> None:
-    """Raise :class:`SpecError` naming every disk or kernel file missing on the host."""
+    """Check what the host must provide before anything is created there: raise
+    :class:`SpecError` naming every disk or kernel file missing on it, a machine type or
+    NIC model its QEMU does not know (:func:`check_host`), or a bridge it lacks."""
     needed = [d.path for d in spec.disks]
     if spec.kernel is not None:
         needed += [spec.kernel.kernel] + ([spec.kernel.initrd] if spec.kernel.initrd else [])
     missing = await host.missing(needed)
     if missing:
         raise SpecError(f"not found on host {host_cfg.name}: {', '.join(missing)}")
+    await check_host(host, host_cfg, spec)
+    await _check_bridges(host, host_cfg, spec)
 
 
 async def start_vm(
@@ -121,8 +182,9 @@ async def start_vm(
     await check_files(host, host_cfg, spec)
     if await vm_pid(host, paths) is not None:
         raise ConflictError(f"VM {spec.name} is already running on {host_cfg.name}")
-    q = shlex.quote(paths.dir)
-    await host.sh(f"mkdir -p {q} && rm -f {q}/qmp.sock {q}/console.sock {q}/qemu.pid {q}/qemu.log")
+    await host.run(["mkdir", "-p", "--", paths.dir])
+    await host.run(["rm", "-f", "--", paths.qmp, paths.console_sock, paths.pidfile,
+                    paths.qemu_log])
     await host.write_file(f"{paths.dir}/spec.json", spec.model_dump_json(indent=2).encode())
     argv = build_argv(spec, paths, binary=host_cfg.qemu_binary, accel=host_cfg.accel,
                       incoming=incoming, paused=paused)
@@ -130,7 +192,7 @@ async def start_vm(
         await _setup_taps(host, host_cfg, spec)
         res = await host.run(argv, check=False, timeout=120)
         if res.status != 0:
-            log = await host.sh(f"cat {shlex.quote(paths.qemu_log)} 2>/dev/null", check=False)
+            log = await host.run(["cat", "--", paths.qemu_log], check=False)
             detail = (res.stderr.strip() or log.stdout.strip() or f"exit {res.status}")
             raise VmStartError(
                 f"QEMU failed to start {spec.name} on {host_cfg.name}: {detail.splitlines()[-1]}"
@@ -185,8 +247,11 @@ async def stop_vm(
     Without ``force``: ACPI power-down, then wait up to ``timeout``; a guest
     that does not shut down raises :class:`StateError` and keeps running.
     With ``force``: QMP ``quit``, then SIGTERM, then SIGKILL of the PID.
-    Taps are removed once the process is gone.
+    Taps are removed once the process is gone. A ``timeout`` that is not a positive
+    number raises :class:`UserError` before anything is done.
     """
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise UserError(f"timeout {timeout:g}: must be a positive number of seconds")
     paths = vm_paths(host_cfg, spec.name)
     pid = await vm_pid(host, paths)
     if pid is None:
@@ -216,7 +281,7 @@ async def stop_vm(
             else:
                 raise HostError(f"QEMU PID {pid} for {spec.name} on {host_cfg.name} did not exit")
     await _remove_taps(host, spec)
-    await host.sh(f"rm -f {shlex.quote(paths.pidfile)}", check=False)
+    await host.run(["rm", "-f", "--", paths.pidfile], check=False)
     return True
 
 
@@ -228,24 +293,26 @@ async def remove_vm_dir(host: Host, host_cfg: HostConfig, name: str) -> None:
 async def read_console(host: Host, host_cfg: HostConfig, name: str, lines: int | None = None,
                        *, offset: int = 0) -> str:
     """The VM's serial console log: from byte ``offset`` on, or only its last
-    ``lines`` lines if given."""
-    log = shlex.quote(vm_paths(host_cfg, name).console_log)
+    ``lines`` lines if given (:class:`UserError` when either is negative)."""
+    if (lines is not None and lines < 0) or offset < 0:
+        raise UserError("a line count or offset cannot be negative")
+    log = vm_paths(host_cfg, name).console_log
     if lines is not None:
-        cmd = f"tail -n {int(lines)} {log}"
+        argv = ["tail", "-n", str(max(0, int(lines))), "--", log]
     elif offset > 0:
-        cmd = f"tail -c +{int(offset) + 1} {log}"
+        argv = ["tail", "-c", f"+{int(offset) + 1}", "--", log]
     else:
-        cmd = f"cat {log}"
-    res = await host.sh(f"{cmd} 2>/dev/null", check=False)
-    return res.stdout
+        argv = ["cat", "--", log]
+    res = await host.run(argv, check=False)
+    return res.stdout if res.status == 0 else ""
 
 
 async def console_size(host: Host, host_cfg: HostConfig, name: str) -> int:
     """The console log's size in bytes (0 when there is none yet)."""
-    log = shlex.quote(vm_paths(host_cfg, name).console_log)
-    res = await host.sh(f"stat -c %s {log} 2>/dev/null || echo 0", check=False)
+    res = await host.run(["stat", "-c", "%s", "--", vm_paths(host_cfg, name).console_log],
+                         check=False)
     text = res.stdout.strip()
-    return int(text) if text.isdigit() else 0
+    return int(text) if res.status == 0 and text.isdigit() else 0
 
 
 def spec_json(spec: VMSpec) -> str:

@@ -118,7 +118,8 @@ async def qmp_session(
         try:
             yield QmpSession(client, vm)
         finally:
-            # a monitor that hung up (QEMU quit) makes disconnect() re-raise; that is
-            # not an error of the session's work
-            with contextlib.suppress(QMPError, EOFError, OSError):
+            # a monitor that hung up (QEMU quit) or sent garbage (undecodable bytes, not
+            # JSON) makes disconnect() re-raise what ended its reader; that is not an
+            # error of the session's work, which raised QmpConnectionError already
+            with contextlib.suppress(QMPError, EOFError, OSError, ValueError):
                 await client.disconnect()

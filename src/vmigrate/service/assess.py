@@ -137,7 +137,8 @@ async def _nonzero_fraction(qmp: QmpSession, host: Host, vm_dir: str, memory: in
         for i in range(RAM_PIECES):
             await qmp.execute("pmemsave", {"val": start + i * step, "size": RAM_PIECE,
                                            "filename": f"{tmp}/{i:03d}"})
-        await host.sh(f"cat {tmp}/[0-9]* > {tmp}/all")
+        # a constant script: the directory is a positional parameter, never shell text
+        await host.run(["sh", "-c", 'cat -- "$1"/[0-9]* > "$1/all"', "sh", tmp])
         data = await host.read_file(f"{tmp}/all")
     except QmpError:
         return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ async def install(host: Host, tls_dir: str, files: Mapping[str, bytes]) -> None:
 
     Raises :class:`~vmigrate.errors.HostError` (unreachable, or a command failed);
     files already written before the failure stay (each one complete)."""
-    await host.sh(f"umask 077 && mkdir -p -- {shlex.quote(tls_dir)}")
+    await host.run(["sh", "-c", 'umask 077 && mkdir -p -- "$1"', "sh", tls_dir])
     for name, data in files.items():
         if not name or "/" in name:
             raise ValueError(f"not a plain file name: {name!r}")
@@ -123,12 +122,16 @@ class HostRecord:
     server: pki.CertInfo
     keys_local: bool  # False: the keys were pushed to the host and not kept here
     from_this_ca: bool
+    #: the client certificate's DN as a destination's tls-authz allows it (None: no
+    #: client certificate in the record)
+    authz_dn: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "host": self.host,
             "record": str(self.record),
             "subject": self.server.subject,
+            "authz_dn": self.authz_dn,
             "dns_names": list(self.server.dns_names),
             "ip_addresses": list(self.server.ip_addresses),
             "not_after": self.server.not_after.isoformat(),
@@ -162,10 +165,12 @@ def status(pki_dir: Path) -> PkiStatus:
             if not cert.is_file():
                 continue
             pem = cert.read_bytes()
+            client = d / pki.CLIENT_CERT
             hosts.append(HostRecord(
                 host=d.name, record=d, server=pki.cert_info(pem),
                 keys_local=(d / pki.SERVER_KEY).is_file(),
                 from_this_ca=pki.issued_by(pem, ca_pem),
+                authz_dn=pki.x509_dn(client.read_bytes()) if client.is_file() else None,
             ))
     return PkiStatus(pki_dir, ca, hosts)
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from vmigrate.audit.log import AuditLog, check_appendable
 from vmigrate.config import HostConfig, Inventory
-from vmigrate.drivers.base import Driver
+from vmigrate.drivers.base import POSTCOPY_STATES, Driver
 from vmigrate.drivers.qemu import QemuDriver
 from vmigrate.errors import (
     ConflictError,
@@ -42,6 +42,7 @@ from vmigrate.errors import (
     UserError,
     VmigrateError,
 )
+from vmigrate.hosts import HostPool, open_host
 from vmigrate.lab.verifiers import lab_verifiers
 from vmigrate.migration.engine import Engine
 from vmigrate.migration.job import Job, Timing
@@ -65,8 +66,10 @@ from vmigrate.plan.decide import tier_for
 from vmigrate.plan.policy import DEFAULT_POLICY, load_policies, resolve_policy
 from vmigrate.plan.predict import live_start
 from vmigrate.progress import ProgressFn
+from vmigrate.qemu.process import VmState
 from vmigrate.qemu.spec import VMSpec
 from vmigrate.service.assess import AssessOptions
+from vmigrate.service.hostlock import HostLocks, VmLocks, controller_id, job_lock_error
 from vmigrate.service.planning import (
     DEFAULT_MAX_AGE_S,
     VmPlan,
@@ -76,6 +79,7 @@ from vmigrate.service.planning import (
     plans_for,
     prediction_record,
 )
+from vmigrate.service.witness import HostOpener, write_witnesses
 from vmigrate.store import JobRecord, Store
 from vmigrate.store.db import NEEDS_OPERATOR, RUNNING
 from vmigrate.transfer.mover import EngineMover, Mover
@@ -122,6 +126,8 @@ class MigrationRequest:
     #: seconds before the policy's timeout action
     timeout: float | None = None
     tls: bool = True
+    #: live/online without TLS: the operator accepts an open migration port and NBD export
+    insecure: bool = False
     target_storage: str | None = None
     target_format: str | None = None
     delete_source: bool = False
@@ -192,13 +198,71 @@ class MigrationService:
 
     def __init__(self, inventory: Inventory, store: Store, audit: AuditLog, *,
                  backend: Backend | None = None, timing: Timing | None = None,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, locks: VmLocks | None = None,
+                 witness_hosts: HostOpener | None = None) -> None:
+        """``locks``: the VM locks on the hosts a job takes besides the store's. By
+        default, with the QEMU backend, the lock files on the inventory's hosts for
+        the controller whose id is kept next to ``store``; a service given another
+        backend (the fakes) takes host locks only when ``locks`` is given."""
         self.inventory = inventory
         self.store = store
         self.audit = audit
         self.backend: Backend = backend or QemuBackend(inventory)
         self.timing = timing
         self.progress = progress
+        self._default_locks = locks is None and backend is None
+        #: how the hosts of a job are reached to keep their audit witness: by default,
+        #: with the QEMU backend, the inventory's transport; with another backend (the
+        #: fakes) only when given
+        self._witness_hosts = witness_hosts if witness_hosts is not None else (
+            open_host if backend is None else None)
+        self._locks = locks
+
+    def locks(self) -> VmLocks | None:
+        """The host locks (see ``__init__``), opened on first use."""
+        if self._locks is None and self._default_locks:
+            self._locks = HostLocks(self.store, controller_id(self.store.path.parent),
+                                    HostPool(self.inventory), own_pool=True)
+        return self._locks
+
+    async def aclose(self) -> None:
+        """Close the host sessions the locks opened (each public call closes them
+        before it returns; they open again on the next)."""
+        if self._locks is not None:
+            await self._locks.aclose()
+
+    # -- locks -----------------------------------------------------------------------
+
+    def check_unlocked(self, vm: str) -> None:
+        """:class:`ConflictError` naming the job if one of ours locks ``vm``."""
+        job = self.store.locking_job(vm)
+        if job is not None:
+            raise job_lock_error(vm, job)
+
+    async def _take_locks(self, job: str, vm: str, hosts: list[str]) -> None:
+        locks = self.locks()
+        if locks is None:
+            return
+        try:
+            await locks.acquire(job, vm, hosts)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _release_locks(self, state: JobState, report: MigrationReport) -> None:
+        """Release the host locks of a job that ended (a job still running or waiting
+        for an operator keeps them); what cannot be released is noted in the stored
+        report."""
+        locks = self.locks()
+        if locks is None:
+            return
+        job = self.store.find_job(state.job)
+        if job is not None and job.locks_vm:
+            return
+        failed = await locks.release(state.job, state.vm, [state.source, state.dest])
+        if failed and job is not None:
+            report.cleanup_errors.extend(failed)
+            self.store.save_report(job.id, report.model_dump(mode="json"))
 
     # -- validation ------------------------------------------------------------------
 
@@ -233,6 +297,7 @@ class MigrationService:
         cutover = parse_cutover(req.cutover) if req.cutover is not None else None
         record = self.store.get_vm(req.vm)
         self.inventory.host(req.dest)
+        self.check_unlocked(req.vm)
         if record.host == req.dest:
             raise UserError(f"VM {req.vm} already runs on {req.dest}")
         try:
@@ -240,7 +305,7 @@ class MigrationService:
                 mode="live" if mode == "auto" else mode,  # type: ignore[arg-type]
                 policy=policy, downtime_ms=req.downtime_ms, bandwidth=bandwidth,
                 parallel=req.parallel, compress=req.compress,  # type: ignore[arg-type]
-                tls=req.tls, target_storage=req.target_storage,
+                tls=req.tls, insecure=req.insecure, target_storage=req.target_storage,
                 target_format=req.target_format,  # type: ignore[arg-type]
                 delete_source=req.delete_source, shutdown_timeout=req.shutdown_timeout,
                 force=req.force, cutover_at=cutover)
@@ -304,6 +369,12 @@ class MigrationService:
         opts = self.options(req)  # a wrong request fails before any measuring
         mopts = opts.memory_options()
         if req.mode == "auto":
+            locks = self.locks()
+            if locks is not None:  # refuse before measuring a VM another job moves
+                try:
+                    await locks.check(req.vm, [self.store.get_vm(req.vm).host, req.dest])
+                finally:
+                    await self.aclose()
             vp = (await plans_for(self.inventory, self.store, [req.vm], req.dest, mopts,
                                   max_age, assess or AssessOptions(), opts.shutdown_timeout,
                                   progress=self.progress))[0]
@@ -355,9 +426,33 @@ class MigrationService:
             else opts.cipher, prediction=prediction)
         self.store.create_job(job_id, req.vm, opts.mode, record.host, req.dest,
                               report.options, pid=os.getpid(), state=state.model_dump_json())
+        # the hosts' locks, before the first side effect: another controller's job on
+        # the VM refuses this one here, and it is forgotten as if never asked for
+        try:
+            await self._take_locks(job_id, req.vm, [record.host, req.dest])
+        except BaseException:
+            self.store.discard_job(job_id)
+            raise
         if on_job is not None:
             on_job(job_id)
         return await self._run(state, report, lambda engine: engine.run())
+
+    async def _witness(self, state: JobState, report: MigrationReport) -> None:
+        """Give the job's hosts the witness of the audit log's head after it (see
+        :mod:`vmigrate.service.witness`); where they keep it, and any host that could
+        not, go into the stored report. Never raises for a host (the job's outcome
+        stands)."""
+        head = report.audit_head
+        if self._witness_hosts is None or head is None or head.key is None:
+            return
+        written, failed = await write_witnesses(
+            self.inventory, [state.source, state.dest], job=state.job, seq=head.seq,
+            hash=head.hash, key=head.key, records=self.audit.job_records(state.job),
+            opener=self._witness_hosts)
+        report.audit_witnesses = sorted(set(report.audit_witnesses) | set(written))
+        report.cleanup_errors.extend(f for f in failed if f not in report.cleanup_errors)
+        with contextlib.suppress(StoreError):  # the report stored at the job's end stands
+            self.store.save_report(state.job, report.model_dump(mode="json"))
 
     async def _run(self, state: JobState, report: MigrationReport,
                    go: Callable[[Engine], Awaitable[MigrationReport]]) -> MigrationReport:
@@ -372,13 +467,19 @@ class MigrationService:
                       verifiers=self.verifiers(state.spec), timing=self.timing,
                       progress=self.progress)
             engine = Engine(job, MEMORY[state.memory](), STORAGE[state.storage]())
-            return await go(engine)
+            out = await go(engine)
+            await self._witness(state, out)
+            return out
         finally:
             with contextlib.suppress(Exception):
                 await mover.close()
             for d in drivers.values():
                 with contextlib.suppress(Exception):
                     await d.close()
+            with contextlib.suppress(Exception):
+                await self._release_locks(state, report)
+            with contextlib.suppress(Exception):
+                await self.aclose()
 
     # -- recovery --------------------------------------------------------------------
 
@@ -422,6 +523,9 @@ class MigrationService:
         why = ("the controller died" if j.status == RUNNING else
                "an operator asked to settle it")
         phase = state.phase.value
+        # the job holds the hosts' locks: taken again where they are missing (a
+        # rollback removed a runtime directory); held by another controller: skipped
+        await self._take_locks(j.id, j.vm, [j.source, j.dest])
         if j.status == NEEDS_OPERATOR:
             self.store.reopen_job(j.id, os.getpid())
         else:
@@ -434,7 +538,10 @@ class MigrationService:
     async def resolve(self, j: JobRecord, keep: Literal["destination", "source"]
                       ) -> Recovery:
         """An operator's decision for a job waiting for one (see
-        :meth:`~vmigrate.migration.engine.Engine.resolve`)."""
+        :meth:`~vmigrate.migration.engine.Engine.resolve`). First it asks both hosts
+        what runs where (:func:`check_resolvable`): a decision that would lose the
+        guest, or that cannot be checked, raises :class:`ConflictError` and changes
+        nothing (the job still waits, the VM stays locked)."""
         if j.status != NEEDS_OPERATOR:
             raise ConflictError(f"job {j.id} is {j.status}: only a job waiting for an operator "
                                 "is resolved by hand ('job cancel' a running one, 'job "
@@ -444,9 +551,62 @@ class MigrationService:
         state = JobState.model_validate_json(j.state)
         report = load_report(j.report) if j.report else MigrationReport(
             job=j.id, vm=j.vm, mode=j.mode, source=j.source, dest=j.dest)
-        self.store.reopen_job(j.id, os.getpid())
-        out = await self._run(state, report, lambda engine: engine.resolve(keep))
-        return Recovery(j.id, j.vm, state.phase.value, out.status, "; ".join(out.notes))
+        await self._take_locks(j.id, j.vm, [j.source, j.dest])
+        found = ""
+
+        async def go(engine: Engine) -> MigrationReport:
+            nonlocal found
+            found = await check_resolvable(engine.job, keep)
+            self.store.reopen_job(j.id, os.getpid())
+            return await engine.resolve(keep)
+
+        out = await self._run(state, report, go)
+        return Recovery(j.id, j.vm, state.phase.value, out.status,
+                        "; ".join([f"found {found}", *out.notes]))
+
+
+async def check_resolvable(job: Job, keep: Literal["destination", "source"]) -> str:
+    """What runs where, before an operator's decision acts; :class:`ConflictError`
+    (nothing changed) when the decision would lose the guest or cannot be checked:
+
+    * either host does not answer (its VM's state is unknown);
+    * ``destination``: no QEMU of the guest there, or one still waiting for the
+      incoming migration; or a post-copy not finished (the source still holds
+      pages the guest needs: ``job recover`` finishes it);
+    * ``source``: no QEMU of the guest there and one of its disks missing (it could
+      not boot again once the destination is stopped).
+
+    Returns what it found, for the report."""
+    st = job.state
+    src = await job.src.vm_state(job.vm)
+    dst = await job.dst.vm_state(job.vm)
+    found = f"{job.src.name}: {src.value}, {job.dst.name}: {dst.value}"
+    refuse = f"refused to keep the guest on the {keep} ({found}): "
+    if VmState.UNKNOWN in (src, dst):
+        raise ConflictError(refuse + "a host or a monitor does not answer, so what runs "
+                            "where cannot be checked; try again once both answer")
+    if keep == "destination":
+        if dst in (VmState.STOPPED, VmState.INMIGRATE):
+            raise ConflictError(refuse + f"{job.dst.name} has no complete guest to keep"
+                                + ("" if dst == VmState.STOPPED else
+                                   " (its QEMU still waits for the migration)"))
+        if st.memory == "precopy" and src != VmState.STOPPED:
+            try:
+                status = (await job.src_monitor().migration()).status
+            except VmigrateError as exc:
+                raise ConflictError(refuse + f"{job.src.name} does not tell whether a "
+                                    f"post-copy still needs it ({exc})") from exc
+            if status in POSTCOPY_STATES:
+                raise ConflictError(refuse + f"post-copy has not finished ({status}): "
+                                    f"{job.src.name} still holds pages the guest needs; "
+                                    f"'vmigrate job recover {job.id}' finishes it")
+    elif src == VmState.STOPPED:
+        missing = await job.src.missing([d.path for d in st.spec.disks])
+        if missing:
+            raise ConflictError(refuse + f"no QEMU of the guest runs on {job.src.name} and "
+                                f"its disks are missing there ({', '.join(missing)}): it "
+                                "could not boot again")
+    return found
 
 
 def _options_dict(opts: JobOptions) -> dict[str, Any]:

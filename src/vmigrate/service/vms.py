@@ -18,6 +18,16 @@ from vmigrate.hosts import Host, HostPool
 from vmigrate.lab.image import image_paths
 from vmigrate.lab.workloads import format_workloads, kernel_cmdline, parse_workloads
 from vmigrate.qemu import process
+from vmigrate.qemu.cpu import (
+    DEFAULT_CPU,
+    HOST_MODELS,
+    cpu_requests,
+    parse_cpu,
+    pin_cpu,
+    pin_machine,
+    unavailable,
+)
+from vmigrate.qemu.probe import probe_host
 from vmigrate.qemu.process import VmState
 from vmigrate.qemu.qmp import qmp_session
 from vmigrate.qemu.spec import (
@@ -31,6 +41,7 @@ from vmigrate.qemu.spec import (
     parse_memory,
     parse_nic,
 )
+from vmigrate.service.hostlock import HostLocks, VmLocks, controller_id, job_lock_error
 from vmigrate.store import Store, VmRecord
 
 FIRST_GUEST_HOST = 100
@@ -53,6 +64,9 @@ class CreateRequest:
     nic: bool = True
     nics: list[str] = field(default_factory=list)
     machine: str = "pc"
+    #: ``MODEL[,+FEATURE|-FEATURE ...]``; None: the host's ``vm_cpu``, the inventory's
+    #: ``[defaults] cpu``, else x86-64-v2-AES
+    cpu: str | None = None
     start: bool = True
 
 
@@ -86,10 +100,14 @@ class VmService:
     """VM operations over the inventory's hosts. Use as ``async with``: host sessions
     are opened on demand and closed on exit."""
 
-    def __init__(self, inventory: Inventory, store: Store) -> None:
+    def __init__(self, inventory: Inventory, store: Store, *,
+                 locks: VmLocks | None = None) -> None:
+        """``locks``: the VM locks on the hosts (default: the lock files of the
+        controller whose id is kept next to ``store``)."""
         self.inventory = inventory
         self.store = store
         self._hosts = HostPool(inventory)
+        self._locks = locks
 
     async def __aenter__(self) -> VmService:
         return self
@@ -104,6 +122,20 @@ class VmService:
 
     def spec(self, record: VmRecord) -> VMSpec:
         return VMSpec.model_validate_json(record.spec_json)
+
+    async def _unlocked(self, vm: str, host: str) -> None:
+        """Before a command changes the VM's state: :class:`ConflictError` naming the
+        job when a job of ours locks ``vm`` (running, or waiting for an operator), or
+        when a job of any controller holds its lock on ``host``
+        (:class:`~vmigrate.service.hostlock.VmLockedError`). Changes nothing but a
+        stale lock file of ours."""
+        job = self.store.locking_job(vm)
+        if job is not None:
+            raise job_lock_error(vm, job)
+        if self._locks is None:
+            self._locks = HostLocks(self.store, controller_id(self.store.path.parent),
+                                    self._hosts)
+        await self._locks.check(vm, [host])
 
     # -- create ------------------------------------------------------------------------
 
@@ -146,6 +178,8 @@ class VmService:
             vcpus=req.vcpus,
             memory_mib=memory,
             machine=req.machine,
+            cpu=parse_cpu(req.cpu or host_cfg.vm_cpu or self.inventory.defaults.cpu
+                          or DEFAULT_CPU),
             disks=tuple(disks),
             nics=tuple(nics),
             kernel=kernel,
@@ -186,6 +220,9 @@ class VmService:
         spec = self.build(req)
         host, host_cfg = self._host(req.host)
         await process.check_files(host, host_cfg, spec)
+        if req.start:
+            await self._unlocked(spec.name, req.host)
+        spec = await pin_hardware(spec, host, host_cfg)
         self.store.add_vm(spec.name, req.host, spec.model_dump_json())
         if not req.start:
             return VmInfo(spec.name, req.host, VmState.STOPPED, None, spec)
@@ -199,21 +236,27 @@ class VmService:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self, name: str) -> VmInfo:
+        """Start a defined VM; refused while a job locks it (see :meth:`_unlocked`)."""
         record = self.store.get_vm(name)
+        await self._unlocked(name, record.host)
         host, host_cfg = self._host(record.host)
         spec = self.spec(record)
         pid = await process.start_vm(host, host_cfg, spec)
         return VmInfo(name, record.host, VmState.RUNNING, pid, spec)
 
     async def stop(self, name: str, *, force: bool = False, timeout: float = 30.0) -> bool:
+        """Stop the VM; refused while a job locks it (see :meth:`_unlocked`)."""
         record = self.store.get_vm(name)
+        await self._unlocked(name, record.host)
         host, host_cfg = self._host(record.host)
         return await process.stop_vm(host, host_cfg, self.spec(record), force=force,
                                      timeout=timeout)
 
     async def destroy(self, name: str) -> None:
-        """Stop the VM hard if it runs and forget it. Its disk images are kept."""
+        """Stop the VM hard if it runs and forget it. Its disk images are kept. Refused
+        while a job locks it (see :meth:`_unlocked`): nothing is stopped."""
         record = self.store.get_vm(name)
+        await self._unlocked(name, record.host)
         host, host_cfg = self._host(record.host)
         await process.stop_vm(host, host_cfg, self.spec(record), force=True)
         await process.remove_vm_dir(host, host_cfg, name)
@@ -244,14 +287,47 @@ class VmService:
         return await process.read_console(host, host_cfg, name, lines)
 
     async def qmp(self, name: str, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one raw QMP command; return QEMU's whole reply."""
+        """Send one raw QMP command; return QEMU's whole reply. Refused while a job
+        locks the VM (see :meth:`_unlocked`): a job's QMP session must be the only
+        one that changes the VM, and vmigrate cannot tell which commands only
+        read."""
         record = self.store.get_vm(name)
+        await self._unlocked(name, record.host)
         host, host_cfg = self._host(record.host)
         paths = process.vm_paths(host_cfg, name)
         if await process.vm_pid(host, paths) is None:
             raise ConflictError(f"VM {name} is not running")
         async with qmp_session(host, paths.qmp, vm=name) as session:
             return await session.execute_raw(message)
+
+
+async def pin_hardware(spec: VMSpec, host: Host, host_cfg: HostConfig) -> VMSpec:
+    """``spec`` with its hardware as the host's QEMU resolves it, as it is stored: the
+    machine type versioned (``pc`` -> ``pc-i440fx-7.2``) and the CPU model too
+    (``qemu64`` -> ``qemu64-v1``), so a QEMU upgrade never changes a defined VM's
+    hardware (:mod:`vmigrate.qemu.cpu`). Asks a probe of the host's QEMU; changes
+    nothing. Raises :class:`SpecError` for a machine type or CPU model the host's QEMU
+    does not know, CPU features the host cannot give in full (its QEMU, its CPU, its
+    ``cpu_limit``), and ``host``/``max`` on a host not declared identical to others
+    (``cpu_group``); :class:`~vmigrate.errors.CommandError` when the probe fails."""
+    cpu = spec.cpu
+    assert cpu is not None  # VmService.build always gives one
+    if cpu.model in HOST_MODELS and host_cfg.cpu_group is None:
+        raise SpecError(f"CPU model {cpu.model} passes host {host_cfg.name}'s CPU through, "
+                        "so the VM could only move to identical hosts: declare them with the "
+                        "same cpu_group in the inventory, or choose a model (--cpu "
+                        f"{DEFAULT_CPU})")
+    limit = parse_cpu(host_cfg.cpu_limit) if host_cfg.cpu_limit else None
+    offer = await probe_host(host, host_cfg.qemu_binary, host_cfg.accel,
+                             cpu_requests(cpu, limit))
+    machine = pin_machine(spec.machine, offer, host_cfg.name)
+    missing = unavailable(cpu, offer, limit=limit)
+    if missing:
+        raise SpecError(f"host {host_cfg.name} cannot give CPU model {cpu.describe()} these "
+                        f"features: {', '.join(missing)} (choose an older model with --cpu, "
+                        "or another host)")
+    return spec.model_copy(update={"machine": machine,
+                                   "cpu": pin_cpu(cpu, offer, host_cfg.name)})
 
 
 class ConsoleFollower:

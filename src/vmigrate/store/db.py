@@ -7,8 +7,11 @@ rather than guessed at. Every write is its own transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmigrate.errors import ConflictError, NotFoundError, StoreError
+from vmigrate.errors import ConflictError, NotFoundError, StoreError, UserError
 
 MAGIC = "vmigrate-store"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: versions this code upgrades in place (each only adds tables or columns)
-_UPGRADABLE = {"1", "2", "3"}
+_UPGRADABLE = {"1", "2", "3", "4"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    state TEXT
+    state TEXT,
+    audit_head TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_vm ON jobs (vm, status);
 CREATE TABLE IF NOT EXISTS assessments (
@@ -118,19 +122,48 @@ class VmRecord:
     created_at: float
 
 
+#: SQLite's companions of the database file (WAL mode)
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def _private(path: Path) -> None:
+    """The database's directory (0700 when we create it) and the file itself, created
+    0600 before SQLite opens it; SQLite gives its ``-wal`` and ``-shm`` files the
+    database's mode."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    """Take group and other access away from the database and its companions (a store
+    created by an older vmigrate was world-readable). Files of another owner are
+    left alone."""
+    for p in (path, *(path.with_name(path.name + c) for c in _COMPANIONS)):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            st = p.stat()
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                p.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+
+
 class Store:
-    """The controller's database at ``path`` (created on first use)."""
+    """The controller's database at ``path`` (created on first use, 0600, in a
+    directory created 0700)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private(path)
             self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._init()
+            _tighten(path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot create the state database {path}: {exc}") from exc
 
     def _init(self) -> None:
         self._db.executescript(_SCHEMA)
@@ -145,6 +178,8 @@ class Store:
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
             if "state" not in cols:  # version 4 added the engine's typed job state
                 self._db.execute("ALTER TABLE jobs ADD COLUMN state TEXT")
+            if "audit_head" not in cols:  # version 5: the audit log's head after the job
+                self._db.execute("ALTER TABLE jobs ADD COLUMN audit_head TEXT")
             self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(SCHEMA_VERSION),))
             return
         if rows.get("version") != str(SCHEMA_VERSION):
@@ -279,6 +314,34 @@ class Store:
                  time.time(), job_id),
             )
 
+    def set_audit_head(self, job_id: str, seq: int, digest: str) -> None:
+        """Keep the audit log's head after the job: the seq and line hash of its last
+        record (``vmigrate audit verify`` checks the log against it)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET audit_head=?, updated_at=? WHERE id=?",
+                       (json.dumps({"seq": seq, "hash": digest}), time.time(), job_id))
+
+    def audit_heads(self) -> dict[str, tuple[int, str]]:
+        """Every job's audit head (job id -> (seq, line hash)), for jobs that have one.
+        Raises :class:`StoreError` naming a job whose stored head is not one."""
+        heads: dict[str, tuple[int, str]] = {}
+        try:
+            rows = self._db.execute(
+                "SELECT id, audit_head FROM jobs WHERE audit_head IS NOT NULL").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database {self.path}: {exc}") from exc
+        for job_id, text in rows:
+            try:
+                head = json.loads(text)
+                seq, digest = head["seq"], head["hash"]
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StoreError(f"job {job_id}: the stored audit head is not one") from exc
+            if (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1
+                    or not isinstance(digest, str) or len(digest) != 64):
+                raise StoreError(f"job {job_id}: the stored audit head is not one")
+            heads[job_id] = (seq, digest)
+        return heads
+
     def save_report(self, job_id: str, report: dict[str, Any]) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET report=?, updated_at=? WHERE id=?",
@@ -294,14 +357,48 @@ class Store:
         return self.get_job(job.id)
 
     def get_job(self, job_id: str) -> JobRecord:
+        """The job ``job_id``, or the only one whose id starts with it (the prefix is
+        matched literally: ``%`` and ``_`` are characters). :class:`NotFoundError`
+        when none matches, :class:`UserError` naming the candidates when several
+        do."""
+        if not job_id:
+            raise UserError("an empty job id names no job (see 'vmigrate job list')")
+        exact = self.find_job(job_id)
+        if exact is not None:
+            return exact
         rows = self._db.execute(
-            f"SELECT {_JOB_COLS} FROM jobs WHERE id=? OR id LIKE ?", (job_id, f"{job_id}%")
+            f"SELECT {_JOB_COLS} FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY created_at",
+            (len(job_id), job_id),
         ).fetchall()
         if not rows:
             raise NotFoundError(f"no job {job_id!r} (see 'vmigrate job list')")
         if len(rows) > 1:
-            raise NotFoundError(f"job id prefix {job_id!r} is ambiguous")
+            shown = ", ".join(r[0] for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+            raise UserError(f"job id prefix {job_id!r} is ambiguous: {len(rows)} jobs match "
+                            f"({shown})")
         return self._job(rows[0])
+
+    def find_job(self, job_id: str) -> JobRecord | None:
+        """The job whose id is exactly ``job_id``, or None."""
+        row = self._db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id=?",
+                               (job_id,)).fetchone()
+        return self._job(row) if row is not None else None
+
+    def locking_job(self, vm: str) -> JobRecord | None:
+        """The job that locks ``vm`` (running, or waiting for an operator), or None."""
+        row = self._db.execute(
+            f"SELECT {_JOB_COLS} FROM jobs WHERE vm=? AND status IN "
+            f"({','.join('?' * len(LOCKING))}) ORDER BY created_at", (vm, *LOCKING)
+        ).fetchone()
+        return self._job(row) if row is not None else None
+
+    def discard_job(self, job_id: str) -> None:
+        """Forget a job refused before its first side effect (still running in phase
+        ``begin`` with no saved progress beyond it): the VM is unlocked as if it had
+        never been asked for. Any other job is left as it is."""
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id=? AND status=? AND phase='begin'",
+                       (job_id, RUNNING))
 
     def list_jobs(self, *, vm: str | None = None, active: bool | None = None) -> list[JobRecord]:
         sql = f"SELECT {_JOB_COLS} FROM jobs"

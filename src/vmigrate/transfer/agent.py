@@ -10,7 +10,8 @@ Contract with the controller:
 * stderr carries JSON lines: ``{"event": "listening", "port": N}``,
   ``{"event": "progress", ...}``, ``{"event": "done", ...}`` and
   ``{"event": "error", "error": ..., "integrity": bool}``. Other lines are logs.
-* Exit status: 0 done, 1 failed (resumable), 6 integrity failure, 2 bad request.
+* Exit status: 0 done, 1 failed (resumable), 6 integrity failure, 2 bad request,
+  8 the destination is out of space (``"space": true`` in the error event; resumable).
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from vmigrate.errors import TransferError, TransferIntegrityError, UserError, VmigrateError
+from vmigrate.errors import (
+    DestinationFullError,
+    TransferError,
+    TransferIntegrityError,
+    TransferStalledError,
+    UserError,
+    VmigrateError,
+)
 from vmigrate.progress import Event
-from vmigrate.transfer import engine
+from vmigrate.transfer import engine, wire
+from vmigrate.transfer.confine import Destination, open_destination
 from vmigrate.transfer.crypto import parse_key
 from vmigrate.transfer.disks import open_nbd, open_source
-from vmigrate.transfer.engine import Manifest, SendOptions
+from vmigrate.transfer.engine import Hello, Manifest, SendOptions
 from vmigrate.transfer.journal import Geometry
+from vmigrate.transfer.wire import Channel
 
 _silenced = False
 
@@ -92,12 +102,14 @@ async def _until_eof(reader: asyncio.StreamReader) -> None:
 
 
 async def _guarded(work: Awaitable[Any], stdin: asyncio.StreamReader, *,
-                   grace: float = 0.0) -> None:
+                   grace: float = 0.0, life: asyncio.Task[None] | None = None) -> None:
     """Run ``work``; stop it when stdin closes (the controller went away), after
     ``grace`` seconds in which it may still finish (the receiver uses them to
-    write what the sender had already sent)."""
+    write what the sender had already sent). ``life``: a task already reading
+    stdin to its end."""
     main = asyncio.ensure_future(work)
-    life = asyncio.create_task(_until_eof(stdin))
+    if life is None:
+        life = asyncio.create_task(_until_eof(stdin))
     done, _ = await asyncio.wait([main, life], return_when=asyncio.FIRST_COMPLETED)
     if main not in done and grace > 0:
         done, _ = await asyncio.wait([main], timeout=grace)
@@ -118,15 +130,29 @@ def _split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def _space_mapped(main: Callable[[], Awaitable[None]]) -> None:
+    """``main()``, with a full destination (ENOSPC, EDQUOT, however wrapped) raised as
+    :class:`DestinationFullError`: its own event field (``space``) and exit status (8)."""
+    try:
+        await main()
+    except Exception as exc:
+        if DestinationFullError.found_in(exc) and not isinstance(exc, DestinationFullError):
+            raise DestinationFullError(
+                f"the destination is out of space ({exc}); the partial copy is kept: "
+                "free space and rerun to resume") from exc
+        raise
+
+
 def run(main: Callable[[], Awaitable[None]]) -> int:
     """Run an agent coroutine; report failure as an event and an exit status."""
     try:
-        asyncio.run(main())  # type: ignore[arg-type]
+        asyncio.run(_space_mapped(main))
     except TransferIntegrityError as exc:
         emit("error", error=str(exc), integrity=True)
         return 6
     except VmigrateError as exc:
-        emit("error", error=str(exc), integrity=False, request=isinstance(exc, UserError))
+        emit("error", error=str(exc), integrity=False, request=isinstance(exc, UserError),
+             space=isinstance(exc, DestinationFullError))
         return exc.exit_code
     except KeyboardInterrupt:
         emit("error", error="interrupted", integrity=False)
@@ -139,51 +165,155 @@ def run(main: Callable[[], Awaitable[None]]) -> int:
     return 0
 
 
-async def receive(target: Path, *, listen: str | None) -> None:
-    """``vmigrate transfer receive``: one session into ``target``."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="vmxfer-"))
-    try:
-        if listen is None:
-            reader, writer = await _stdio()
-            key = await _read_key(reader)
-            res = await engine.receive(reader, writer, key, target, sock_dir=sock_dir,
-                                       progress=_progress)
-            emit("done", final=res.final, resumed=res.resumed, verified=res.verified,
-                 **res.progress.as_dict())
-            return
-        stdin = await _stdin()
-        key = await _read_key(stdin)
-        host, port = _split_hostport(listen)
-        accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = \
+#: how long a listening receiver waits for a connection that authenticates
+ACCEPT_S: float = 60.0
+#: how long one connection may take to prove it holds the key
+HANDSHAKE_S: float = 10.0
+#: connections proving themselves at once; more are closed at once
+MAX_PENDING: int = 64
+
+
+class _Acceptor:
+    """Accepts connections until one proves it holds the transfer key (its HELLO
+    authenticates); every other connection is closed, whatever it sent, so nobody
+    else on the network can take the receiver's one session or end it."""
+
+    def __init__(self, key: bytes, stall_s: float) -> None:
+        self.key = key
+        self.stall_s = stall_s
+        self.chosen: asyncio.Future[tuple[asyncio.StreamWriter, Channel, Hello]] = \
             asyncio.get_running_loop().create_future()
+        self.refused = 0
+        self.closing = False
+        self.pending: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
-        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            if accepted.done():
-                w.close()
-                return
-            accepted.set_result((r, w))
-
+    async def on_conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.closing or self.chosen.done() or len(self.pending) >= MAX_PENDING:
+            w.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.pending[task] = w
+        peer = w.get_extra_info("peername")
         try:
-            server = await asyncio.start_server(on_conn, host, port, limit=1 << 22)
-        except OSError as exc:
-            raise TransferError(f"cannot listen on {listen}: {exc.strerror}") from exc
+            wire.tune_socket(w, self.stall_s)
+            async with asyncio.timeout(HANDSHAKE_S):
+                ch, hello = await engine.handshake(r, w, self.key, stall_s=self.stall_s)
+        except (VmigrateError, TimeoutError, OSError) as exc:
+            w.close()
+            if not self.closing:
+                self.refused += 1
+                emit("refused", peer=str(peer), reason=str(exc) or type(exc).__name__)
+            return
+        finally:
+            self.pending.pop(task, None)
+        if self.closing or self.chosen.done():
+            w.close()
+            return
+        self.chosen.set_result((w, ch, hello))
 
-        async def session() -> None:
-            async with server:
-                emit("listening", port=server.sockets[0].getsockname()[1])
-                r, w = await asyncio.wait_for(accepted, 120)
-                server.close()
-                try:
-                    res = await engine.receive(r, w, key, target, sock_dir=sock_dir,
-                                               progress=_progress)
-                finally:
-                    w.close()
-                emit("done", final=res.final, resumed=res.resumed, verified=res.verified,
-                     **res.progress.as_dict())
+    def failure(self, why: str) -> VmigrateError:
+        if self.refused:
+            return TransferIntegrityError(
+                f"{why}; {self.refused} connection(s) did not authenticate (wrong key, or "
+                "not a vmigrate sender) and were closed")
+        return TransferError(why)
 
-        await _guarded(session(), stdin, grace=15.0)
+    async def close(self) -> None:
+        """Close every connection still proving itself, and wait for their handlers."""
+        self.closing = True
+        tasks = list(self.pending)
+        for w in self.pending.values():
+            w.transport.abort()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+async def receive(target: Path, *, allowed: list[Path], overwrite: bool,
+                  listen: str | None, stall_s: float = wire.STALL_S) -> None:
+    """``vmigrate transfer receive``: one session into ``target``.
+
+    Before it reads the key or listens, the target is checked against ``allowed``
+    and its directory opened (:func:`~vmigrate.transfer.confine.open_destination`),
+    and an existing target (without ``overwrite``), partial copy or journal that is
+    not ours is refused: a :class:`UserError` (exit 2) with nothing written.
+
+    With ``listen``, connections are accepted until one authenticates (at most
+    :data:`ACCEPT_S`); that one is the session, every other is closed."""
+    with open_destination(target, allowed) as dest:
+        dest.check(overwrite=overwrite)
+        sock_dir = Path(tempfile.mkdtemp(prefix="vmxfer-"))
+        try:
+            await _receive(dest, overwrite, listen, sock_dir, stall_s)
+        finally:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def _receive(dest: Destination, overwrite: bool, listen: str | None, sock_dir: Path,
+                   stall_s: float) -> None:
+    def done(res: engine.ReceiveResult) -> None:
+        emit("done", final=res.final, resumed=res.resumed, verified=res.verified,
+             **res.progress.as_dict())
+
+    if listen is None:
+        reader, writer = await _stdio()
+        key = await _read_key(reader)
+        done(await engine.receive(reader, writer, key, dest, overwrite=overwrite,
+                                  sock_dir=sock_dir, progress=_progress, stall_s=stall_s))
+        return
+    stdin = await _stdin()
+    key = await _read_key(stdin)
+    await serve(dest, key, stdin, overwrite=overwrite, listen=listen, sock_dir=sock_dir,
+                stall_s=stall_s)
+
+
+async def serve(dest: Destination, key: bytes, stdin: asyncio.StreamReader, *,
+                overwrite: bool, listen: str, sock_dir: Path, stall_s: float) -> None:
+    """Listen on ``listen``, take the first connection that authenticates as the
+    session (at most :data:`ACCEPT_S` s, or until ``stdin`` ends), and receive it.
+    Raises :class:`TransferIntegrityError` when connections came but none
+    authenticated, :class:`TransferError` when none came."""
+    host, port = _split_hostport(listen)
+    acceptor = _Acceptor(key, stall_s)
+    try:
+        server = await asyncio.start_server(acceptor.on_conn, host, port, limit=1 << 22)
+    except OSError as exc:
+        raise TransferError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    life = asyncio.create_task(_until_eof(stdin))
+    try:
+        emit("listening", port=server.sockets[0].getsockname()[1])
+        waiters: list[asyncio.Future[Any]] = [acceptor.chosen, life]
+        await asyncio.wait(waiters, timeout=ACCEPT_S, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        life.cancel()
+        raise
     finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        server.close()  # no new connection; the chosen one stays open
+        await acceptor.close()
+        if not acceptor.chosen.done():
+            acceptor.chosen.cancel()
+    if acceptor.chosen.cancelled():
+        gone = life.done()
+        life.cancel()
+        if gone:
+            raise acceptor.failure("the controller went away (stdin closed) before a sender "
+                                   "authenticated")
+        raise acceptor.failure(f"no sender authenticated within {ACCEPT_S:g} s")
+    w, ch, hello = acceptor.chosen.result()
+    if life.done():
+        w.close()
+        raise TransferError("the controller went away (stdin closed); stopped")
+
+    async def session() -> None:
+        try:
+            res = await engine.receive_session(ch, hello, dest, overwrite=overwrite,
+                                               sock_dir=sock_dir, progress=_progress)
+        finally:
+            w.close()
+        emit("done", final=res.final, resumed=res.resumed, verified=res.verified,
+             **res.progress.as_dict())
+
+    await _guarded(session(), stdin, grace=15.0, life=life)
 
 
 async def send(*, source: Path | None, source_format: str | None, nbd: str | None,
@@ -229,18 +359,31 @@ async def send(*, source: Path | None, source_format: str | None, nbd: str | Non
                 raise TransferError(f"cannot connect to the receiver at {connect}: {exc}"
                                     ) from exc
 
+            wire.tune_socket(w)
+
             async def run_session() -> None:
+                linger = 2.0
                 try:
                     await session(r, w)
+                except asyncio.CancelledError:
+                    linger = 15.0  # the controller went away: let the receiver keep more
+                    raise
+                except TransferStalledError:
+                    linger = 0.0  # the link is gone: nothing more will reach it
+                    raise
                 finally:
                     # Let the frames already written reach the receiver, which keeps
                     # them: half-close, and read until it closes too. Closing with its
                     # acks unread would send a reset, and a reset makes the receiving
                     # kernel drop what it holds.
-                    with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-                        w.write_eof()
-                        await asyncio.wait_for(_until_eof(r), 15)
-                    w.close()
+                    if linger:
+                        with contextlib.suppress(OSError, ConnectionError, TimeoutError,
+                                                 RuntimeError):
+                            w.write_eof()
+                            await asyncio.wait_for(_until_eof(r), linger)
+                        w.close()
+                    else:
+                        w.transport.abort()
 
             await _guarded(run_session(), stdin)
     finally:

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vmigrate.errors import SpecError, TransferError
+from vmigrate.transfer.confine import Destination
 from vmigrate.transfer.nbd import NBD_STATE_DIRTY, NBD_STATE_ZERO, NbdClient, serve_image
 
 FORMATS = ("raw", "qcow2")
@@ -121,8 +123,25 @@ class NbdImage:
         await self.client.flush()
 
 
+def _source_size(path: Path, st: os.stat_result) -> int:
+    """The size of a source image; :class:`SpecError` (a wrong request, exit status 2)
+    for anything but a non-empty regular file (``/dev/null``, a FIFO, a directory)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(f"{path}: not a regular file; a source image is a raw or qcow2 file")
+    if st.st_size == 0:
+        raise SpecError(f"{path}: the image is empty; nothing to copy")
+    return st.st_size
+
+
 def probe_format(path: Path) -> str:
-    """``raw`` or ``qcow2``, from the file's first bytes (like ``qemu-img`` would)."""
+    """``raw`` or ``qcow2``, from the file's first bytes (like ``qemu-img`` would).
+    :class:`SpecError` for a missing, unreadable, empty or special file."""
+    try:
+        _source_size(path, os.stat(path))
+    except FileNotFoundError as exc:
+        raise SpecError(f"{path}: no such image") from exc
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
         with path.open("rb") as f:
             head = f.read(4)
@@ -144,11 +163,17 @@ async def open_source(path: Path, fmt: str | None = None, *, sock_dir: Path,
         raise SpecError(f"unknown image format {fmt!r} (use raw or qcow2)")
     if fmt == "raw":
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO given as the source must not hang the open
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             raise SpecError(f"{path}: cannot open: {exc.strerror}") from exc
         try:
-            yield RawFile(path, fd, os.fstat(fd).st_size)
+            size = _source_size(path, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            yield RawFile(path, fd, size)
         finally:
             os.close(fd)
         return
@@ -172,40 +197,48 @@ async def open_nbd(address: str, export: str, bitmap: str | None = None
 
 
 @asynccontextmanager
-async def open_target(path: Path, fmt: str, size: int, *, sock_dir: Path
+async def open_target(dest: Destination, fmt: str, size: int, *, sock_dir: Path
                       ) -> AsyncIterator[RawFile | NbdImage]:
-    """Open (creating if needed) a partial target of ``size`` bytes for writing."""
+    """Open (creating if needed) ``dest``'s partial copy of ``size`` bytes for writing.
+
+    The file is opened with ``O_NOFOLLOW`` relative to the destination's directory
+    and must be a regular file with one link (:class:`~vmigrate.errors.ConflictError`
+    otherwise, left untouched); a qcow2 one is then handed to ``qemu-img`` and
+    ``qemu-nbd`` as ``/proc/<pid>/fd/<fd>``, the open file itself, never by name."""
     if fmt not in FORMATS:
         raise SpecError(f"unknown image format {fmt!r} (use raw or qcow2)")
-    if fmt == "raw":
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-        except OSError as exc:
-            raise TransferError(f"cannot create {path}: {exc.strerror}") from exc
-        try:
-            yield RawFile(path, fd, size)
-        finally:
-            os.close(fd)
-        return
-    if not await asyncio.to_thread(os.path.exists, path):
-        res = await asyncio.to_thread(
-            subprocess.run,
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
-             str(path), str(size)],
-            capture_output=True, text=True,
-        )
-        if res.returncode != 0:
-            raise TransferError(f"cannot create {path}: {res.stderr.strip()}")
-    async with AsyncExitStack() as stack:
-        addr = await stack.enter_async_context(
-            serve_image(path, "qcow2", sock_dir / f"dst-{os.getpid()}.sock", read_only=False)
-        )
-        client = await stack.enter_async_context(await NbdClient.connect(addr))
-        if client.size != size:
-            raise TransferError(f"{path} holds {client.size} bytes, expected {size}")
-        yield NbdImage(client)
+    fd = dest.open_file(dest.partial_name, create=True)
+    try:
+        if fmt == "raw":
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+            except OSError as exc:
+                raise TransferError(f"cannot create {dest.partial}: {exc.strerror}") from exc
+            yield RawFile(dest.partial, fd, size)
+            return
+        path = dest.proc_path(fd)
+        if os.fstat(fd).st_size == 0:
+            res = await asyncio.to_thread(
+                subprocess.run,
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
+                 path, str(size)],
+                capture_output=True, text=True,
+            )
+            if res.returncode != 0:
+                raise TransferError(f"cannot create {dest.partial}: {res.stderr.strip()}")
+        async with AsyncExitStack() as stack:
+            addr = await stack.enter_async_context(
+                serve_image(path, "qcow2", sock_dir / f"dst-{os.getpid()}.sock",
+                            read_only=False)
+            )
+            client = await stack.enter_async_context(await NbdClient.connect(addr))
+            if client.size != size:
+                raise TransferError(f"{dest.partial} holds {client.size} bytes, expected "
+                                    f"{size}")
+            yield NbdImage(client)
+    finally:
+        os.close(fd)
 
 
 # --- raw file helpers ------------------------------------------------------

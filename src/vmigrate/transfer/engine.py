@@ -23,6 +23,13 @@ End: the sender sends the id of every chunk; the receiver checks its journal
 against them, re-reads the whole copy and hashes it (``verify="full"``), and
 only then renames ``<dst>.vmxfer-partial`` to ``<dst>``. An incremental round
 (``final=False``) only commits; the last round verifies and renames.
+
+Least privilege: the receiver takes a connection as its sender only once its
+HELLO authenticates (:func:`handshake`), writes only through a
+:class:`~vmigrate.transfer.confine.Destination` (an allowed directory, no link
+followed, only regular files of its own), replaces an existing target only when
+its own invocation says so, and every read and write of the stream has a
+deadline (:mod:`~vmigrate.transfer.wire`).
 """
 
 from __future__ import annotations
@@ -45,14 +52,15 @@ import blake3
 import zstandard
 
 from vmigrate.errors import (
-    ConflictError,
     StateError,
     TransferError,
     TransferIntegrityError,
+    TransferStalledError,
     UserError,
 )
 from vmigrate.progress import Event, ProgressFn, guarded
 from vmigrate.transfer import wire
+from vmigrate.transfer.confine import JOURNAL_SUFFIX, PARTIAL_SUFFIX, Destination
 from vmigrate.transfer.crypto import AuthError, FrameCipher, available_ciphers
 from vmigrate.transfer.disks import FORMATS, Range, Source, Target, open_target
 from vmigrate.transfer.journal import Geometry, Journal
@@ -64,8 +72,8 @@ CHUNK_SIZE: Final = 1 << 20
 MAX_RETRIES: Final = 3
 COMMIT_S: Final = 1.0
 READ_AHEAD: Final = 16
-PARTIAL_SUFFIX: Final = ".vmxfer-partial"
-JOURNAL_SUFFIX: Final = ".vmxfer-journal"
+__all__ = ["CHUNK_SIZE", "JOURNAL_SUFFIX", "PARTIAL_SUFFIX", "ReceiveResult", "SendOptions",
+           "handshake", "receive", "receive_session", "send"]
 Verify = Literal["full", "journal"]
 
 
@@ -201,14 +209,26 @@ def _pack_ids(ids: dict[int, bytes]) -> bytes:
     return zstandard.ZstdCompressor(level=1).compress(raw)
 
 
-def _unpack_ids(data: bytes) -> dict[int, bytes]:
+def _unpack_ids(data: bytes, chunks: int) -> dict[int, bytes]:
+    """A STATE frame's chunk ids, for an image of ``chunks`` chunks."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=40 * chunks + 40)
     except zstandard.ZstdError as exc:
         raise TransferIntegrityError("STATE frame does not decompress") from exc
-    if len(raw) % 40:
-        raise TransferIntegrityError("STATE frame has a torn record")
-    return {i: h for i, h in struct.iter_unpack(">Q32s", raw)}
+    if len(raw) % 40 or len(raw) > 40 * chunks:
+        raise TransferIntegrityError("STATE frame has a torn record or too many")
+    out = {i: h for i, h in struct.iter_unpack(">Q32s", raw)}
+    if any(i >= chunks for i in out):
+        raise TransferIntegrityError("STATE frame names a chunk outside the image")
+    return out
+
+
+def _seqs(value: Any, what: str) -> set[int]:
+    """A list of frame numbers from an ACK; :class:`TransferIntegrityError` otherwise."""
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise TransferIntegrityError(f"ACK frame's {what} is not a list of frame numbers")
+    return set(value)
 
 
 # --- sender ------------------------------------------------------------------
@@ -224,7 +244,9 @@ class SendOptions:
     window: int = 16 << 20            # bytes in flight, unacknowledged
     verify: Verify = "full"
     final: bool = True                # False: an incremental round, no rename
-    overwrite: bool = False           # replace an existing target
+    #: replace an existing target: the controller passes it to the *receiver's*
+    #: invocation (``--overwrite``); the stream never carries it
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -322,7 +344,7 @@ class Sender:
 
     def __init__(self, source: Source, reader: wire.ByteReader, writer: wire.ByteWriter,
                  key: bytes, opts: SendOptions, *, progress: ProgressFn | None = None,
-                 depth: int = 6) -> None:
+                 depth: int = 6, stall_s: float = wire.STALL_S) -> None:
         if opts.cipher not in available_ciphers():
             raise UserError(f"cipher {opts.cipher} is not available here; "
                             f"available: {', '.join(available_ciphers())}")
@@ -344,9 +366,10 @@ class Sender:
         self._changed = asyncio.Event()
         self._done: asyncio.Future[dict[str, Any]] | None = None
         self._waits = [0.0, 0.0]  # time waiting for CPU work, for the window/link
-        self._salt = os.urandom(16)
-        self.ch = Channel(reader, writer, FrameCipher(opts.cipher, key, self._salt),
-                          me=wire.SENDER)
+        self._salt = os.urandom(wire.SALT_BYTES)
+        self._key = key
+        self.stall_s = stall_s
+        self.ch: Channel  # set once the receiver answered (its salt is in the key)
 
     def _tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -363,20 +386,45 @@ class Sender:
         the receiver lacks) are sent; ``manifest`` must then hold the ids of
         the previous rounds. Raises :class:`TransferError` (the receiver keeps
         what it committed) or :class:`TransferIntegrityError`."""
-        self.writer.write(wire.preamble(self.opts.cipher, self._salt))
-        await self.writer.drain()
-        await wire.read_reply(self.reader)
+        try:
+            self.writer.write(wire.preamble(self.opts.cipher, self._salt))
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            raise TransferError("the receiver closed the transfer stream") from exc
+        await wire.drain(self.writer, self.stall_s)
+        their_salt = await wire.read_reply(self.reader, self.stall_s)
+        self.ch = Channel(self.reader, self.writer,
+                          FrameCipher(self.opts.cipher, self._key, self._salt + their_salt),
+                          me=wire.SENDER, stall_s=self.stall_s)
         await self.ch.send_json(Kind.HELLO, {
             "size": self.g.size, "chunk_size": self.g.chunk_size, "format": self.g.fmt,
             "final": self.opts.final, "verify": self.opts.verify,
-            "overwrite": self.opts.overwrite, "delta": dirty is not None,
+            "delta": dirty is not None,
         })
-        first = await self.ch.read_frame()
+        keepalive = asyncio.create_task(self.ch.keepalive())
+        try:
+            return await self._session(manifest, dirty)
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _session(self, manifest: Manifest | None, dirty: list[Range] | None
+                       ) -> tuple[Progress, dict[str, Any], Manifest]:
+        try:
+            first = await self.ch.read_frame()
+        except TransferStalledError:
+            raise
+        except TransferIntegrityError:
+            raise
+        except TransferError as exc:
+            raise TransferIntegrityError(
+                "the receiver closed the connection after our HELLO: it did not "
+                "authenticate (wrong key?), or it stopped") from exc
         self._raise_if_error(first)
         if first.kind != Kind.STATE:
             raise TransferIntegrityError(f"expected STATE, got {first.kind.name}")
         try:
-            have = _unpack_ids(self.ch.open(first))
+            have = _unpack_ids(self.ch.open(first), self.g.chunks())
         except AuthError as exc:
             raise TransferIntegrityError(
                 "the receiver's reply does not authenticate: wrong key or altered stream"
@@ -547,10 +595,11 @@ class Sender:
         t0 = time.monotonic()
         while self._inflight and self._inflight_bytes + size > self.opts.window:
             await self._wait_changed()
+        await self.bucket.take(wire.HEADER.size + size + 16)
+        # sealed and written with no await in between: frames leave in seal order
         seq, data = self.ch.seal(r.kind, r.payload, meta=r.meta, flags=r.flags)
         self._inflight[seq] = (r.item, size)
         self._inflight_bytes += size
-        await self.bucket.take(len(data))
         await self.ch.send_raw(data)
         self._waits[1] += time.monotonic() - t0
         if r.item.index in self._retries:
@@ -586,9 +635,11 @@ class Sender:
             if frame.kind != Kind.ACK:
                 raise TransferIntegrityError(f"unexpected {frame.kind.name} from the receiver")
             ack = self.ch.open_json(frame)
-            upto = int(ack["upto"])
-            again = {int(s) for s in ack.get("nack", [])}
-            whole = {int(s) for s in ack.get("whole", [])}
+            upto = ack.get("upto")
+            if not isinstance(upto, int) or isinstance(upto, bool):
+                raise TransferIntegrityError("ACK frame without a frame number")
+            again = _seqs(ack.get("nack", []), "nack")
+            whole = _seqs(ack.get("whole", []), "whole")
             for seq in [s for s in self._inflight if s <= upto]:
                 item, size = self._inflight.pop(seq)
                 self._inflight_bytes -= size
@@ -610,11 +661,14 @@ class Sender:
 
 async def send(source: Source, reader: wire.ByteReader, writer: wire.ByteWriter, key: bytes,
                opts: SendOptions, *, manifest: Manifest | None = None,
-               dirty: list[Range] | None = None, progress: ProgressFn | None = None
-               ) -> tuple[Progress, dict[str, Any], Manifest]:
-    """Send ``source`` (or its ``dirty`` ranges) to a :func:`receive` at the other end."""
-    return await Sender(source, reader, writer, key, opts, progress=progress).run(
-        manifest, dirty)
+               dirty: list[Range] | None = None, progress: ProgressFn | None = None,
+               stall_s: float = wire.STALL_S) -> tuple[Progress, dict[str, Any], Manifest]:
+    """Send ``source`` (or its ``dirty`` ranges) to a :func:`receive` at the other end.
+
+    Every read and write of the stream has a deadline of ``stall_s`` s without
+    progress (:class:`TransferStalledError`)."""
+    return await Sender(source, reader, writer, key, opts, progress=progress,
+                        stall_s=stall_s).run(manifest, dirty)
 
 
 # --- receiver ------------------------------------------------------------------
@@ -629,71 +683,134 @@ class ReceiveResult:
     progress: Progress
 
 
-async def receive(reader: wire.ByteReader, writer: wire.ByteWriter, key: bytes,
-                  target: Path, *, sock_dir: Path, progress: ProgressFn | None = None
-                  ) -> ReceiveResult:
-    """Receive one image (or one round) into ``target``.
+@dataclass
+class Hello:
+    """A sender's HELLO, checked: what comes and how."""
 
-    Until the last round has been verified, the data lives in
-    ``<target>.vmxfer-partial`` with its journal ``<target>.vmxfer-journal``;
-    both stay after any failure so the next run resumes. Raises
-    :class:`TransferIntegrityError` for a wrong key or an altered stream (then
-    nothing was written) and for a copy that does not verify."""
-    version, cipher, salt = await wire.read_preamble(reader)
+    size: int
+    chunk_size: int
+    format: str
+    final: bool
+    verify: Verify
+    delta: bool
+
+
+async def handshake(reader: wire.ByteReader, writer: wire.ByteWriter, key: bytes, *,
+                    stall_s: float = wire.STALL_S) -> tuple[Channel, Hello]:
+    """The receiver's side of a session's start: read the preamble, answer it with our
+    salt, and read the sender's HELLO, which must authenticate under the session's
+    sub-key (proof that the sender holds the transfer key).
+
+    Touches no file. Raises :class:`TransferIntegrityError` for a stream that is not
+    ours or a HELLO that does not authenticate (wrong key, replayed, altered),
+    :class:`TransferError` for a version or cipher we do not speak or a stream that
+    ended, :class:`TransferStalledError` past the deadline."""
+    version, cipher, salt = await wire.read_preamble(reader, stall_s)
     if version != wire.VERSION:
-        writer.write(wire.reply(1))
-        await writer.drain()
+        await _answer(writer, wire.reply(1), stall_s)
         raise TransferError(f"the sender speaks stream version {version}; this "
                             f"receiver knows {wire.VERSION}")
     if cipher is None or cipher not in available_ciphers():
-        writer.write(wire.reply(2))
-        await writer.drain()
+        await _answer(writer, wire.reply(2), stall_s)
         raise TransferError(f"the sender chose a cipher this machine lacks ({cipher})")
-    writer.write(wire.reply(0))
-    await writer.drain()
-    ch = Channel(reader, writer, FrameCipher(cipher, key, salt), me=wire.RECEIVER)
+    ours = os.urandom(wire.SALT_BYTES)
+    await _answer(writer, wire.reply(0, ours), stall_s)
+    ch = Channel(reader, writer, FrameCipher(cipher, key, salt + ours), me=wire.RECEIVER,
+                 stall_s=stall_s)
     hello_frame = await ch.read_frame()
     if hello_frame.kind != Kind.HELLO:
         raise TransferIntegrityError(f"expected HELLO, got {hello_frame.kind.name}")
     try:
-        hello = json.loads(ch.open(hello_frame))
+        body = ch.open(hello_frame)
     except AuthError as exc:
         raise TransferIntegrityError(
             "wrong key or altered stream: the sender's first frame does not "
             "authenticate; nothing was written"
         ) from exc
-    rx = _Receiver(ch, target, sock_dir, progress)
+    try:
+        hello = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise TransferIntegrityError("HELLO frame is not JSON") from exc
+    return ch, _check_hello(hello)
+
+
+async def _answer(writer: wire.ByteWriter, data: bytes, stall_s: float) -> None:
+    try:
+        writer.write(data)
+    except (ConnectionError, OSError, RuntimeError) as exc:
+        raise TransferError("the sender closed the transfer stream") from exc
+    await wire.drain(writer, stall_s)
+
+
+async def receive(reader: wire.ByteReader, writer: wire.ByteWriter, key: bytes,
+                  dest: Destination, *, overwrite: bool = False, sock_dir: Path,
+                  progress: ProgressFn | None = None, stall_s: float = wire.STALL_S
+                  ) -> ReceiveResult:
+    """Receive one image (or one round) into ``dest``: :func:`handshake`, then
+    :func:`receive_session`."""
+    ch, hello = await handshake(reader, writer, key, stall_s=stall_s)
+    return await receive_session(ch, hello, dest, overwrite=overwrite, sock_dir=sock_dir,
+                                 progress=progress)
+
+
+async def receive_session(ch: Channel, hello: Hello, dest: Destination, *,
+                          overwrite: bool = False, sock_dir: Path,
+                          progress: ProgressFn | None = None) -> ReceiveResult:
+    """Receive the image an authenticated sender (:func:`handshake`) announced.
+
+    Until the last round has been verified, the data lives in
+    ``<target>.vmxfer-partial`` with its journal ``<target>.vmxfer-journal``;
+    both stay after any failure so the next run resumes. ``overwrite`` (the
+    receiver's own invocation decides it, never the sender) lets the final
+    rename replace an existing regular file. Raises :class:`ConflictError` when the
+    target exists (without ``overwrite``) or a partial copy or journal is not a
+    regular file of ours (nothing written), :class:`TransferIntegrityError` for a
+    copy that does not verify, :class:`TransferStalledError` when the stream stalls
+    (what arrived before is written and committed first)."""
+    rx = _Receiver(ch, dest, overwrite, sock_dir, progress)
+    keepalive = asyncio.create_task(ch.keepalive())
     try:
         return await rx.run(hello)
     except TransferError as exc:
-        await rx.try_error(str(exc), isinstance(exc, TransferIntegrityError))
+        if not ch.stalled:
+            await rx.try_error(str(exc), isinstance(exc, TransferIntegrityError))
         raise
     except (UserError, StateError) as exc:
         await rx.try_error(str(exc), False)
         raise
+    finally:
+        keepalive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keepalive
 
 
-def _check_hello(hello: Any) -> tuple[int, int, str, bool, Verify, bool, bool]:
+def _check_hello(hello: Any) -> Hello:
+    if not isinstance(hello, dict):
+        raise TransferIntegrityError("HELLO frame is not a JSON object")
     try:
-        size, chunk, fmt = int(hello["size"]), int(hello["chunk_size"]), str(hello["format"])
-        final, verify = bool(hello["final"]), str(hello["verify"])
-        overwrite, delta = bool(hello["overwrite"]), bool(hello["delta"])
-    except (KeyError, TypeError, ValueError) as exc:
+        size, chunk, fmt = hello["size"], hello["chunk_size"], hello["format"]
+        final, verify, delta = hello["final"], hello["verify"], hello["delta"]
+    except KeyError as exc:
         raise TransferIntegrityError(f"HELLO frame is incomplete: {exc}") from exc
-    if size <= 0 or chunk < 4096 or chunk > 16 << 20 or chunk & (chunk - 1):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, chunk)) \
+            or not all(isinstance(v, bool) for v in (final, delta)) \
+            or not isinstance(fmt, str) or not isinstance(verify, str):
+        raise TransferIntegrityError("HELLO frame has fields of the wrong type")
+    if size <= 0 or size > 1 << 56 or chunk < 4096 or chunk > 16 << 20 \
+            or chunk & (chunk - 1):
         raise TransferIntegrityError(f"HELLO frame has a bad geometry: {size}/{chunk}")
     if fmt not in FORMATS or verify not in ("full", "journal"):
         raise UserError(f"unknown target format {fmt!r} or verification {verify!r}")
-    return size, chunk, fmt, final, verify, overwrite, delta  # type: ignore[return-value]
+    return Hello(size, chunk, fmt, final, verify, delta)  # type: ignore[arg-type]
 
 
 class _Receiver:
-    def __init__(self, ch: Channel, target: Path, sock_dir: Path,
+    def __init__(self, ch: Channel, dest: Destination, overwrite: bool, sock_dir: Path,
                  progress: ProgressFn | None) -> None:
         self.ch = ch
-        self.target = target
-        self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
-        self.jpath = target.with_name(target.name + JOURNAL_SUFFIX)
+        self.dest = dest
+        self.target = Path(str(dest.target))
+        self.overwrite = overwrite
         self.sock_dir = sock_dir
         self.progress_fn = guarded(progress) if progress is not None else None
         self._last = 0.0
@@ -703,22 +820,20 @@ class _Receiver:
             await asyncio.wait_for(
                 self.ch.send_json(Kind.ERROR, {"error": message, "integrity": integrity}), 5)
 
-    async def run(self, hello: Any) -> ReceiveResult:
-        size, chunk, fmt, final, verify, overwrite, delta = _check_hello(hello)
-        if self.target.exists() and not overwrite:
-            raise ConflictError(f"{self.target} already exists; remove it or pass --overwrite")
-        if not self.target.parent.is_dir():
-            raise UserError(f"{self.target.parent} is not a directory")
-        g = Geometry(size, chunk, fmt)
+    async def run(self, hello: Hello) -> ReceiveResult:
+        size, fmt, final = hello.size, hello.format, hello.final
+        self.dest.check(overwrite=self.overwrite)
+        g = Geometry(size, hello.chunk_size, fmt)
         zeros = {g.chunk_len(0): zero_id(g.chunk_len(0)),
                  g.chunk_len(g.chunks() - 1): zero_id(g.chunk_len(g.chunks() - 1))}
-        journal, resumed = Journal.open(self.jpath, g, zeros)
+        journal, resumed = Journal.open(self.dest.journal, g, zeros, dest=self.dest)
         try:
             if not resumed:
-                if delta:
+                if hello.delta:
                     raise TransferError(f"no base copy of {self.target} to apply a round to")
-                self.partial.unlink(missing_ok=True)  # without a journal it proves nothing
-            async with open_target(self.partial, fmt, size, sock_dir=self.sock_dir) as tgt:
+                # without a journal it proves nothing (checked above: a file of ours)
+                self.dest.unlink(self.dest.partial_name)
+            async with open_target(self.dest, fmt, size, sock_dir=self.sock_dir) as tgt:
                 if journal.unsynced:
                     await self._recheck(tgt, journal)
                 await self.ch.send(Kind.STATE, _pack_ids(journal.state()))
@@ -735,11 +850,10 @@ class _Receiver:
                 journal.sync()
                 verified: str | None = None
                 if final:
-                    await self._verify(tgt, journal, g, ids, verify)
-                    verified = verify
+                    await self._verify(tgt, journal, g, ids, hello.verify)
+                    verified = hello.verify
             if final:
-                self.partial.replace(self.target)
-                _fsync_dir(self.target.parent)
+                self.dest.commit(overwrite=self.overwrite)
                 journal.remove()
             p.wire = self.ch.wire_in
             await self.ch.send_json(Kind.DONE, {"ok": True, "final": final,
@@ -806,11 +920,13 @@ class _Receiver:
                     raise TransferIntegrityError("altered stream: END does not authenticate"
                                                  ) from exc
                 return self._end_ids(body, g)
-            if frame.kind not in (Kind.DATA, Kind.ZERO):
+            if frame.kind not in (Kind.DATA, Kind.ZERO, Kind.PING):
                 raise TransferIntegrityError(f"unexpected {frame.kind.name} frame")
             ack = pending_ack
             ack["upto"] = frame.seq
             try:
+                if frame.kind == Kind.PING:  # only a PING that did not authenticate comes
+                    raise AuthError("a PING frame does not authenticate")
                 payload = await asyncio.to_thread(self.ch.open, frame)
             except AuthError:
                 log.warning("frame %d does not authenticate; asking for it again", frame.seq)
@@ -819,7 +935,7 @@ class _Receiver:
                 pending_ack = {}
                 continue
             if frame.kind == Kind.ZERO:
-                first, count = wire.ZERO_META.unpack(frame.meta)
+                first, count = wire.decode_zero_meta(frame.meta)
                 if first + count > g.chunks() or count < 1:
                     raise TransferIntegrityError("zero run outside the image")
                 end = min(g.size, (first + count) * g.chunk_size)
@@ -864,6 +980,8 @@ class _Receiver:
             return data, (not whole) or (len(data) == length and chunk_id(data) == cid)
 
         payload, ok = await asyncio.to_thread(unpack, payload)
+        if len(payload) != sum(ln for _o, ln, zero in pieces if not zero):
+            raise TransferIntegrityError(f"chunk {index}: pieces and payload disagree")
         base = index * g.chunk_size
         if whole:
             if not ok:
@@ -929,11 +1047,3 @@ class _Receiver:
                 f"the copy differs from the source in {len(bad)} chunks after writing "
                 f"(first: {min(bad)}); they will be resent by the next run"
             )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

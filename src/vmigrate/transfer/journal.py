@@ -19,8 +19,10 @@ them. A torn last record is cut off.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -28,7 +30,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Final
 
-from vmigrate.errors import TransferError
+from vmigrate.errors import ConflictError, TransferError
+from vmigrate.transfer.confine import Destination
 
 MAGIC: Final = b"VMXJRNL\0"
 VERSION: Final = 1
@@ -62,8 +65,10 @@ class Geometry:
 class Journal:
     """Append-only record of committed chunks, opened by :meth:`open`."""
 
-    def __init__(self, path: Path, geometry: Geometry, fd: int) -> None:
+    def __init__(self, path: Path, geometry: Geometry, fd: int,
+                 dest: Destination | None = None) -> None:
         self.path = path
+        self._dest = dest
         self.geometry = geometry
         self._fd = fd
         #: chunk index -> content hash (ZERO_HASH-like values for zero chunks)
@@ -74,34 +79,41 @@ class Journal:
         self._pending = bytearray()
 
     @classmethod
-    def open(cls, path: Path, geometry: Geometry, zero_hash: dict[int, bytes]
-             ) -> tuple[Journal, bool]:
+    def open(cls, path: Path, geometry: Geometry, zero_hash: dict[int, bytes], *,
+             dest: Destination | None = None) -> tuple[Journal, bool]:
         """Open or create the journal; (journal, resumed). A journal that is for other
-        geometry or unreadable is replaced by a fresh one (resumed is False)."""
+        geometry or unreadable is replaced by a fresh one (resumed is False).
+
+        With ``dest`` the journal is its :attr:`Destination.journal_name`, opened
+        relative to its directory; either way it is opened with ``O_NOFOLLOW`` and
+        must be a regular file with one link (:class:`ConflictError` otherwise,
+        the file left as it is). Raises :class:`TransferError` when it cannot be
+        read or written."""
+        fd = dest.open_file(dest.journal_name, create=True) if dest is not None \
+            else _open_own(path)
         try:
-            existing = path.read_bytes()
-        except FileNotFoundError:
-            existing = b""
-        except OSError as exc:
-            raise TransferError(f"cannot read journal {path}: {exc}") from exc
-        parsed = _parse(existing, geometry) if existing else None
-        try:
+            existing = _read_all(fd, _max_journal(geometry))
+            parsed = _parse(existing, geometry) if existing else None
             if parsed is None:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.ftruncate(fd, 0)
                 header = json.dumps({"size": geometry.size, "chunk_size": geometry.chunk_size,
                                      "format": geometry.fmt}).encode()
-                os.write(fd, _HEAD.pack(MAGIC, VERSION, len(header)) + header)
+                os.pwrite(fd, _HEAD.pack(MAGIC, VERSION, len(header)) + header, 0)
+                os.lseek(fd, 0, os.SEEK_END)
                 os.fsync(fd)
-                j = cls(path, geometry, fd)
+                j = cls(path, geometry, fd, dest)
                 j._zero_hash = zero_hash
                 return j, False
             end, records = parsed
-            fd = os.open(path, os.O_RDWR)
             os.ftruncate(fd, end)
             os.lseek(fd, end, os.SEEK_SET)
         except OSError as exc:
-            raise TransferError(f"cannot write journal {path}: {exc}") from exc
-        j = cls(path, geometry, fd)
+            os.close(fd)
+            raise TransferError(f"cannot write journal {path}: {exc.strerror}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        j = cls(path, geometry, fd, dest)
         j._zero_hash = zero_hash
         for kind, index, count, digest in records:
             if kind == RecKind.SYNC:
@@ -161,15 +173,57 @@ class Journal:
 
     def remove(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        if self._dest is not None:
+            self._dest.unlink(self._dest.journal_name)
+        else:
+            self.path.unlink(missing_ok=True)
 
     def state(self) -> dict[int, bytes]:
         return dict(self.chunks)
 
 
+def _open_own(path: Path) -> int:
+    """``path`` opened read-write (created 0600) without following a link; it must be a
+    regular file with one link."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConflictError(f"journal {path} is a symbolic link: refused") from exc
+        raise TransferError(f"cannot open journal {path}: {exc.strerror}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ConflictError(f"journal {path} is not a regular file of its own: refused")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _max_journal(g: Geometry) -> int:
+    """The most a journal of ``g`` can sensibly hold (records of a few resumes)."""
+    return _HEAD.size + 4096 + RECORD_SIZE * (4 * g.chunks() + 100_000)
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """The file's bytes; empty when it is larger than ``limit`` (not trusted at all)."""
+    size = os.fstat(fd).st_size
+    if size > limit:
+        return b""
+    out = bytearray()
+    while len(out) < size:
+        part = os.pread(fd, size - len(out), len(out))
+        if not part:
+            break
+        out += part
+    return bytes(out)
+
+
 def _parse(data: bytes, geometry: Geometry
            ) -> tuple[int, list[tuple[int, int, int, bytes]]] | None:
-    """(end of the valid part, records) or None when the journal is not usable."""
+    """(end of the valid part, records) or None when the journal is not usable.
+
+    Never raises: any bytes give an answer (a torn or corrupt tail is cut off)."""
     if len(data) < _HEAD.size:
         return None
     magic, version, hlen = _HEAD.unpack_from(data)
@@ -177,7 +231,7 @@ def _parse(data: bytes, geometry: Geometry
         return None
     try:
         header: Any = json.loads(data[_HEAD.size:_HEAD.size + hlen])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if header != {"size": geometry.size, "chunk_size": geometry.chunk_size,
                   "format": geometry.fmt}:
@@ -191,7 +245,13 @@ def _parse(data: bytes, geometry: Geometry
         if zlib.crc32(rec) != crc:
             break
         kind, index, count, digest = _REC.unpack(rec)
-        if kind not in (1, 2, 3) or index + count > total:
+        if kind == RecKind.CHUNK:
+            ok = count == 1 and index < total
+        elif kind == RecKind.ZEROS:
+            ok = count >= 1 and index + count <= total
+        else:
+            ok = kind == RecKind.SYNC and index == 0 and count == 0
+        if not ok:
             break
         records.append((kind, index, count, digest))
         pos += RECORD_SIZE

@@ -24,11 +24,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from vmigrate.config import HostConfig, Inventory
 from vmigrate.errors import (
+    DestinationFullError,
     SpecError,
     TransferError,
     TransferIntegrityError,
@@ -37,8 +38,10 @@ from vmigrate.errors import (
 )
 from vmigrate.hosts import Host, HostProcess, LocalHost, open_host
 from vmigrate.progress import Event, ProgressFn, guarded
+from vmigrate.transfer.confine import allowed_root
 from vmigrate.transfer.crypto import new_key
 from vmigrate.transfer.engine import SendOptions
+from vmigrate.transfer.wire import STALL_S
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,9 @@ class _End:
                 self.on_progress(_progress_event(ev))
             elif kind == "listening" and not self.listening.done():
                 self.listening.set_result(int(ev["port"]))
+            elif kind == "refused":  # a connection that did not prove it holds the key
+                log.warning("%s: refused a connection from %s: %s", self.name,
+                            ev.get("peer"), ev.get("reason"))
             elif kind == "done":
                 self.done = ev
             elif kind == "error":
@@ -157,6 +163,8 @@ class _End:
             msg = f"{self.name}: {self.error.get('error')}"
             if self.error.get("request"):  # a bad request (target exists, bad path ...)
                 return UserError(msg)
+            if self.error.get("space"):  # ENOSPC on the receiver: the partial copy is kept
+                return DestinationFullError(msg)
             cls = TransferIntegrityError if self.error.get("integrity") else TransferError
             return cls(msg)
         tail = "; ".join(self.logs[-3:])
@@ -195,6 +203,20 @@ def sender_args(opts: SendOptions) -> list[str]:
         args += ["--bandwidth", str(int(opts.bandwidth))]
     if not opts.final:
         args.append("--no-final")
+    return args
+
+
+def allowed_dirs(cfg: HostConfig) -> list[Path]:
+    """Where a transfer may write on host ``cfg``: its pools and its ``transfer_dirs``."""
+    return [*cfg.pools.values(), *cfg.transfer_dirs]
+
+
+def receiver_args(dst: str, allowed: list[Path], opts: SendOptions) -> list[str]:
+    """The receiver's own decisions, on its command line: where it may write (checked
+    here first: a :class:`UserError` before anything starts) and whether it may
+    replace an existing target."""
+    allowed_root(dst, allowed)
+    args = [dst, *(f"--allow-dir={d}" for d in allowed)]
     if opts.overwrite:
         args.append("--overwrite")
     return args
@@ -237,6 +259,11 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
         raise UserError(f"host {d_cfg.name} has no migration_address for --transport tcp")
     if not PurePosixPath(dst.path).is_absolute():
         raise SpecError(f"{dst}: the destination path must be absolute")
+    # an inventory host: its pools and transfer_dirs; this machine (no host): the
+    # destination's directory, written as whoever runs the command, like cp
+    allowed = allowed_dirs(d_cfg) if d_cfg is not None else \
+        [Path(os.path.dirname(dst.path))]
+    recv_args = receiver_args(dst.path, allowed, opts)
 
     send_argv = [*_command(s_cfg), "transfer", "send", *sender_args(opts)]
     if isinstance(src, tuple):
@@ -252,7 +279,7 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
             send_argv += ["--source-format", source_format]
     if manifest:
         send_argv += ["--manifest", manifest]
-    recv_argv = [*_command(d_cfg), "transfer", "receive", dst.path]
+    recv_argv = [*_command(d_cfg), "transfer", "receive", *recv_args]
 
     key_line = new_key().hex().encode() + b"\n"
     ends: list[_End] = []
@@ -281,12 +308,17 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
                 e.proc.stdin.write(key_line)
             relays = [asyncio.create_task(_pipe(snd.proc.stdout, recv.proc.stdin)),
                       asyncio.create_task(_pipe(recv.proc.stdout, snd.proc.stdin))]
-        statuses = list(await asyncio.gather(snd.proc.wait(), recv.proc.wait()))
+        statuses = await _settle(snd, recv)
         await asyncio.gather(snd.reader, recv.reader)
         if statuses != [0, 0] or snd.done is None or recv.done is None:
             # the receiver's account of an integrity failure is the one to show
             for e in (recv, snd):
                 if e.error and e.error.get("integrity"):
+                    raise e.failure("")
+            # then a wrong request or a full destination: the cause, not its echo at the
+            # other end ("the other end closed the transfer stream")
+            for e in (snd, recv):
+                if e.error and (e.error.get("request") or e.error.get("space")):
                     raise e.failure("")
             for e in (recv, snd):
                 if e.error:
@@ -308,6 +340,38 @@ async def copy(inv: Inventory, src: Place | tuple[str, NbdSource], dst: Place,
         for h in opened:
             with contextlib.suppress(Exception):
                 await h.close()
+
+
+#: once one end exited, how long the other may take before it is told to stop
+#: (stdin closed: it keeps what it committed) and, after as long again, killed
+OTHER_END_S = STALL_S + 10.0
+
+
+async def _settle(snd: _End, recv: _End) -> list[int]:
+    """Both ends' exit statuses. Each end has deadlines of its own; this bounds the
+    wait for the second once the first exited (a receiver still listening for a
+    sender that failed, an end on a host that hangs)."""
+    waits = {e: asyncio.ensure_future(e.proc.wait()) for e in (snd, recv)}
+    try:
+        await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
+        for e, w in waits.items():
+            if w.done():
+                continue
+            done, _ = await asyncio.wait([w], timeout=OTHER_END_S)
+            if done:
+                continue
+            log.warning("the %s did not stop %gs after the other end: stopping it",
+                        e.name, OTHER_END_S)
+            with contextlib.suppress(OSError, ConnectionError, RuntimeError):
+                e.proc.stdin.write_eof()
+            done, _ = await asyncio.wait([w], timeout=OTHER_END_S)
+            if not done:
+                e.proc.kill()
+                await asyncio.wait([w], timeout=10)
+        return [w.result() if w.done() else -1 for w in waits.values()]
+    finally:
+        for w in waits.values():
+            w.cancel()
 
 
 async def _finish(end: _End, what: str) -> dict[str, Any]:

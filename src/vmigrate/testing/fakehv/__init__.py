@@ -42,6 +42,15 @@ Faults
     the way a real cut does (no error: nothing moves);
     :meth:`FakeCluster.set_reachable` takes a host away from the controller.
 
+Machine types and CPU models
+    Each host's QEMU (``FakeHost.qemu``, a :class:`FakeQemu`) answers the probe's
+    questions from what QEMU 7.2 said on this project's machine (under the host's
+    accelerator: TCG, or a nested KVM that lacks SSE3 and beyond). A VM process keeps
+    the QEMU and the versioned machine type it started with. Starting a VM whose
+    machine type or CPU model the host's QEMU does not know fails as QEMU fails
+    (``VmStartError``); ``FakeQemu.without_machines`` and ``FakeQemu.lacking`` model an
+    older QEMU and an older CPU.
+
 What holds after a failure
     A refused call (``QmpCommandError``, ``ConflictError``, ``SpecError``,
     ``VmStartError``, a ``TransferError`` raised before the copy began) and a call
@@ -50,12 +59,13 @@ What holds after a failure
     part-way keeps what it wrote in the partial target, and the same copy resumes.
 """
 
-from vmigrate.testing.fakehv._cluster import KNOWN_CAPABILITIES, FakeCluster
+from vmigrate.testing.fakehv._cluster import KNOWN_CAPABILITIES, FakeBackend, FakeCluster
 from vmigrate.testing.fakehv._driver import FakeDriver, vm_state_of
 from vmigrate.testing.fakehv._faults import Call, ControllerCrash, Fault, FaultKind, Side
 from vmigrate.testing.fakehv._migration import FakeMigration
 from vmigrate.testing.fakehv._model import (
     AckedWrite,
+    AuthzObject,
     FakeBitmap,
     FakeExport,
     FakeHost,
@@ -73,13 +83,16 @@ from vmigrate.testing.fakehv._model import (
 )
 from vmigrate.testing.fakehv._monitor import FakeEventWaiter, FakeMonitor
 from vmigrate.testing.fakehv._mover import CopyRecord, FakeMover
+from vmigrate.testing.fakehv._qemu import FakeQemu, captured_qemu
 
 __all__ = [
     "KNOWN_CAPABILITIES",
     "AckedWrite",
+    "AuthzObject",
     "Call",
     "ControllerCrash",
     "CopyRecord",
+    "FakeBackend",
     "FakeBitmap",
     "FakeCluster",
     "FakeDriver",
@@ -93,6 +106,7 @@ __all__ = [
     "FakeMover",
     "FakeNbdServer",
     "FakeNode",
+    "FakeQemu",
     "FakeVm",
     "Fault",
     "FaultKind",
@@ -101,6 +115,7 @@ __all__ = [
     "Side",
     "SplitBrain",
     "TlsObject",
+    "captured_qemu",
     "guest_record",
     "parse_record",
     "vm_state_of",

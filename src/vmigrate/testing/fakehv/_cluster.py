@@ -12,14 +12,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmigrate.config import HostConfig, Inventory
-from vmigrate.errors import ConflictError, NotFoundError
-from vmigrate.pki import QEMU_FILES
+from vmigrate.errors import ConflictError, NotFoundError, VmigrateError
+from vmigrate.pki import x509_dn
 from vmigrate.plan.simulate import SimulatedMigration
+from vmigrate.qemu.cpu import effective_cpu
 from vmigrate.qemu.spec import VMSpec
+from vmigrate.testing.fakehv import _pki
 from vmigrate.testing.fakehv._faults import Call, Fault, Side
 from vmigrate.testing.fakehv._migration import FakeMigration
 from vmigrate.testing.fakehv._model import (
     AckedWrite,
+    AuthzObject,
     FakeExport,
     FakeHost,
     FakeImage,
@@ -29,6 +32,7 @@ from vmigrate.testing.fakehv._model import (
     GuestProfile,
     PortUse,
     SplitBrain,
+    TlsObject,
     guest_record,
     parse_record,
 )
@@ -38,7 +42,20 @@ if TYPE_CHECKING:
     from vmigrate.testing.fakehv._monitor import FakeMonitor
     from vmigrate.testing.fakehv._mover import FakeMover
 
-__all__ = ["KNOWN_CAPABILITIES", "FakeCluster"]
+__all__ = ["KNOWN_CAPABILITIES", "FakeBackend", "FakeCluster"]
+
+
+class FakeBackend:
+    """A migration service's backend on a fake cluster (drivers and mover)."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+
+    def driver(self, cfg: HostConfig) -> FakeDriver:
+        return self.cluster.driver(cfg.name)
+
+    def mover(self, drivers: Mapping[str, object]) -> FakeMover:
+        return self.cluster.mover
 
 MiB = 1 << 20
 
@@ -156,8 +173,9 @@ class FakeCluster:
             self._shared = [(p, frozenset(self.hosts)) for p in shared]
         if tls:
             for h in self.hosts.values():
-                for name in QEMU_FILES:
-                    self.add_file(h.name, f"{h.config.tls_path}/{name}", b"-----BEGIN FAKE-----\n")
+                addresses = tuple(dict.fromkeys(
+                    a for a in (h.config.address, h.config.migration_address) if a))
+                self.install_credentials(h.name, _pki.credentials(h.name, addresses))
 
     # -- the seams -------------------------------------------------------------------
 
@@ -169,6 +187,11 @@ class FakeCluster:
         if name not in self._drivers:
             self._drivers[name] = FakeDriver(self, host.config)
         return self._drivers[name]
+
+    def backend(self) -> FakeBackend:
+        """What :class:`~vmigrate.service.migrations.MigrationService` takes as its
+        ``backend``: this cluster's drivers and mover."""
+        return FakeBackend(self)
 
     @property
     def mover(self) -> FakeMover:
@@ -338,6 +361,41 @@ class FakeCluster:
         self._put_file(self.host(host).name, path, image)
         return image
 
+    def install_credentials(self, host: str, files: Mapping[str, bytes],
+                            directory: str | None = None) -> None:
+        """x509 files (:func:`vmigrate.pki.host_credentials`) into ``directory`` on
+        ``host`` (default its ``tls_path``), replacing what was there."""
+        h = self.host(host)
+        base = (directory or str(h.config.tls_path)).rstrip("/")
+        for name, data in files.items():
+            self._drop_file(h.name, f"{base}/{name}")
+            self.add_file(h.name, f"{base}/{name}", data)
+
+    def _client_identity(self, vm: FakeVm, tls_id: str) -> str | None:
+        """The DN of the client certificate a VM's tls-creds object presents."""
+        obj = vm.objects.get(tls_id)
+        if not isinstance(obj, TlsObject):
+            return None
+        try:
+            return x509_dn(_pki.read(dict(self.host(vm.host).files),
+                                     f"{obj.directory}/client-cert.pem"))
+        except VmigrateError:
+            return None
+
+    def _authz_refusal(self, server: FakeVm, authz: str | None, client: FakeVm,
+                       tls_id: str | None) -> str | None:
+        """Why ``server``'s tls-authz object ``authz`` refuses ``client`` (None: it
+        does not), as QEMU's TLS session check says it."""
+        if not authz:
+            return None
+        obj = server.objects.get(authz)
+        if not isinstance(obj, AuthzObject):
+            return f"No authorization object with id '{authz}'"
+        identity = self._client_identity(client, tls_id) if tls_id else None
+        if identity is None or identity != obj.identity:
+            return f"TLS x509 authz check for {identity} is denied"
+        return None
+
     # -- guests and VMs --------------------------------------------------------------
 
     def guest(self, vm: str) -> GuestProfile:
@@ -368,6 +426,9 @@ class FakeCluster:
         problem = self._lock_conflict(h, spec)
         if problem is not None:
             raise ConflictError(problem)
+        problem = self._start_problem(h, spec)
+        if problem is not None:
+            raise ValueError(f"QEMU on {host} would not start {spec.name}: {problem}")
         vm = self._spawn(h, spec, incoming=False, held=False)
         if not running:
             self._set_run_state(vm, "paused")
@@ -398,6 +459,17 @@ class FakeCluster:
                         f"using the image?")
         return None
 
+    def _start_problem(self, host: FakeHost, spec: VMSpec) -> str | None:
+        """Why the host's QEMU refuses to start ``spec`` (QEMU's own words), or None: a
+        machine type or CPU model it does not know. A CPU feature the host lacks is no
+        reason: QEMU starts the guest without it (vmigrate does not ``enforce``)."""
+        if host.qemu.resolve_machine(spec.machine) is None:
+            return f"-machine {spec.machine}: unsupported machine type"
+        cpu = effective_cpu(spec.cpu, host.config.accel)
+        if not host.qemu.knows_cpu(cpu.model):
+            return f"unable to find CPU model '{cpu.model}'"
+        return None
+
     def _spawn(self, host: FakeHost, spec: VMSpec, *, incoming: bool, held: bool) -> FakeVm:
         if spec.name not in self._guests:
             self._guests[spec.name] = GuestProfile(ram=spec.memory_mib * MiB)
@@ -406,7 +478,9 @@ class FakeCluster:
                     run_state="inmigrate" if incoming else ("prelaunch" if held else "running"),
                     incoming=incoming, held=held,
                     capabilities=dict.fromkeys(sorted(KNOWN_CAPABILITIES), False),
-                    params=default_parameters())
+                    params=default_parameters(),
+                    machine=host.qemu.resolve_machine(spec.machine) or spec.machine,
+                    qemu=host.qemu)
         for i, disk in enumerate(spec.disks):
             node = driver.disk_node(i)
             vm.nodes[node] = FakeNode(node, "disk", image=host.files[disk.path],
@@ -570,6 +644,11 @@ class FakeCluster:
     def _all_processes(self) -> list[FakeVm]:
         return [p for h in self.hosts.values() for p in h.processes()]
 
+    def _nbd_clients(self, server: FakeVm) -> int:
+        """NBD client nodes connected to ``server``'s NBD server now."""
+        return sum(1 for p in self._all_processes() for n in p.nodes.values()
+                   if n.kind == "nbd" and n.server_pid == server.pid and n.broken is None)
+
     def _step(self, seconds: float) -> None:
         """One tick: migrations settle, pressed power buttons are handled, every guest
         that runs writes once."""
@@ -694,7 +773,8 @@ class FakeCluster:
     # -- migrations ------------------------------------------------------------------
 
     def _handshake_error(self, src: FakeVm, dest: FakeVm) -> str | None:
-        """Why the destination refuses the source's stream (TLS, multifd), or None."""
+        """Why the destination refuses the source's stream (TLS, multifd, another machine
+        type), or None."""
         s_tls, d_tls = str(src.params.get("tls-creds") or ""), str(
             dest.params.get("tls-creds") or "")
         if s_tls or d_tls:
@@ -703,12 +783,15 @@ class FakeCluster:
             if not d_tls:
                 return "TLS handshake failed: the destination does not expect TLS"
             s_obj, d_obj = src.objects.get(s_tls), dest.objects.get(d_tls)
-            if s_obj is None or s_obj.endpoint != "client":
+            if not isinstance(s_obj, TlsObject) or s_obj.endpoint != "client":
                 return f"No TLS credentials with id '{s_tls}' and a client endpoint"
-            if d_obj is None or d_obj.endpoint != "server":
+            if not isinstance(d_obj, TlsObject) or d_obj.endpoint != "server":
                 return f"No TLS credentials with id '{d_tls}' and a server endpoint"
         if src.capabilities.get("multifd", False) != dest.capabilities.get("multifd", False):
             return "multifd is enabled on one side only"
+        if src.machine != dest.machine:  # QEMU's configuration section says so
+            return (f"Machine type received is '{src.machine}' and local is "
+                    f"'{dest.machine}'")
         return None
 
     def _start_migration(self, src: FakeVm, uri: str, address: str, port: int
@@ -737,6 +820,15 @@ class FakeCluster:
         self._emit_migration(src, "setup")
         if listener is None or target is None:
             mig.fail("Failed to connect socket: Connection refused")
+            return mig
+        refused = self._authz_refusal(listener, str(listener.params.get("tls-authz") or ""),
+                                      src, str(src.params.get("tls-creds") or ""))
+        if refused and listener.params.get("tls-creds"):
+            # QEMU 7.2 drops a client its tls-authz refuses during the TLS handshake and
+            # keeps listening: the destination waits for the right source, unaffected
+            mig.dest = None
+            mig.dest_status = "none"
+            mig.fail(f"Unable to write to socket: Connection reset by peer ({refused})")
             return mig
         listener.incoming_migration = mig
         mig.target = (target.name, port)

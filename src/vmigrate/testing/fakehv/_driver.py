@@ -18,12 +18,15 @@ from vmigrate.errors import (
     CommandError,
     ConflictError,
     HostUnreachableError,
+    NotFoundError,
     SpecError,
     StateError,
     VmStartError,
 )
-from vmigrate.pki import QEMU_FILES
-from vmigrate.qemu.spec import VMSpec
+from vmigrate.pki import CA_CERT, CLIENT_CERT, QEMU_FILES, SERVER_CERT, TlsFiles
+from vmigrate.qemu.cpu import QemuOffer
+from vmigrate.qemu.spec import CpuSpec, VMSpec
+from vmigrate.testing.fakehv import _pki
 from vmigrate.testing.fakehv._faults import ControllerCrash, Fault
 from vmigrate.testing.fakehv._model import FakeHost, FakeImage
 from vmigrate.testing.fakehv._monitor import FakeMonitor
@@ -118,11 +121,33 @@ class FakeDriver(Driver):
         with self._op("missing") as host:
             return [p for p in paths if p not in host.files]
 
+    async def tls_files(self) -> TlsFiles:
+        """The certificates in the host's tls_path; a missing one is a CommandError (as
+        ``cat`` on a real host)."""
+        await asyncio.sleep(0)
+        with self._op("tls_files") as host:
+            base = str(self.config.tls_path)
+            out: list[bytes] = []
+            for name in (CA_CERT, SERVER_CERT, CLIENT_CERT):
+                try:
+                    out.append(_pki.read(dict(host.files), f"{base}/{name}"))
+                except NotFoundError:
+                    raise CommandError(self.name, ["cat", f"{base}/{name}"], 1,
+                                       f"cat: {base}/{name}: No such file or directory"
+                                       ) from None
+            return TlsFiles(self.name, *out)
+
     async def tls_missing(self) -> list[str]:
         await asyncio.sleep(0)
         with self._op("tls_missing") as host:
             base = str(self.config.tls_path)
             return [f"{base}/{n}" for n in QEMU_FILES if f"{base}/{n}" not in host.files]
+
+    async def qemu_offer(self, cpus: Sequence[CpuSpec]) -> QemuOffer:
+        """The host's QEMU (``FakeHost.qemu``), as its probe would answer."""
+        await asyncio.sleep(0)
+        with self._op("qemu_offer") as host:
+            return host.qemu.offer(cpus)
 
     # -- VMs ---------------------------------------------------------------------------
 
@@ -184,6 +209,10 @@ class FakeDriver(Driver):
                 if problem is not None:
                     raise VmStartError(f"QEMU failed to start {spec.name} on {self.name}: "
                                        f"{problem}")
+            problem = self.cluster._start_problem(host, spec)
+            if problem is not None:  # a machine type or CPU model this QEMU lacks
+                raise VmStartError(f"QEMU failed to start {spec.name} on {self.name}: "
+                                   f"{problem}")
             self.cluster._spawn(host, spec, incoming=incoming, held=held)
 
     async def stop_vm(self, spec: VMSpec, *, force: bool = False,

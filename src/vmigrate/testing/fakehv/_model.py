@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Literal
 from vmigrate.config import HostConfig
 from vmigrate.drivers.base import NbdAddress
 from vmigrate.qemu.spec import VMSpec
+from vmigrate.testing.fakehv._qemu import FakeQemu, captured_qemu
 
 if TYPE_CHECKING:
     from vmigrate.testing.fakehv._migration import FakeMigration
 
 __all__ = [
     "AckedWrite",
+    "AuthzObject",
     "FakeBitmap",
     "FakeExport",
     "FakeHost",
@@ -159,6 +161,14 @@ class TlsObject:
     endpoint: Literal["client", "server"]
 
 
+@dataclass(frozen=True)
+class AuthzObject:
+    """An ``authz-simple`` object of a VM: the one x509 DN it allows."""
+
+    id: str
+    identity: str
+
+
 @dataclass(eq=False)
 class FakeNode:
     """A block node of a VM: a disk (``disk0`` ...) or an NBD client."""
@@ -197,6 +207,10 @@ class FakeNbdServer:
 
     address: NbdAddress
     tls_id: str | None = None
+    #: the authz object that decides which client certificate may connect
+    tls_authz: str | None = None
+    #: no new client while this many are connected (None: no limit)
+    max_connections: int | None = None
     exports: dict[str, FakeExport] = field(default_factory=dict)
 
     def by_name(self, name: str) -> FakeExport | None:
@@ -283,7 +297,7 @@ class FakeVm:
     held: bool = False
     capabilities: dict[str, bool] = field(default_factory=dict)
     params: dict[str, object] = field(default_factory=dict)
-    objects: dict[str, TlsObject] = field(default_factory=dict)
+    objects: dict[str, TlsObject | AuthzObject] = field(default_factory=dict)
     nodes: dict[str, FakeNode] = field(default_factory=dict)
     nbd: FakeNbdServer | None = None
     jobs: dict[str, FakeJob] = field(default_factory=dict)
@@ -316,6 +330,10 @@ class FakeVm:
     unbooted: bool = False
     #: the last activation error (a held destination whose disks could not be taken)
     activation_error: str | None = None
+    #: the versioned machine type it runs, and the QEMU that runs it (the host's when
+    #: it started: an upgrade of the host's QEMU later does not change it)
+    machine: str = ""
+    qemu: FakeQemu | None = None
 
     @property
     def exports(self) -> Mapping[str, FakeExport]:
@@ -359,6 +377,9 @@ class FakeHost:
         #: bytes of the filesystems holding its files
         self.capacity = capacity
         self.qemu_version = qemu_version
+        #: what the host's QEMU binary offers (machine types, CPU models): QEMU 7.2 as
+        #: captured with the host's accelerator; replace it to model another QEMU or CPU
+        self.qemu: FakeQemu = captured_qemu(config.accel)
 
     @property
     def addresses(self) -> frozenset[str]:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from vmigrate.drivers.base import BlockJob, Monitor, NbdAddress, Sample
 from vmigrate.errors import QmpCommandError, QmpConnectionError
 from vmigrate.plan.simulate import SimulatedMigration
+from vmigrate.qemu.cpu import QemuOffer
+from vmigrate.qemu.spec import CpuSpec
 from vmigrate.testing.fakehv._cluster import (
     KNOWN_CAPABILITIES,
     TLS_PARAMETERS,
@@ -26,6 +28,7 @@ from vmigrate.testing.fakehv._cluster import (
 from vmigrate.testing.fakehv._faults import ControllerCrash, Fault
 from vmigrate.testing.fakehv._migration import POSTCOPY, FakeMigration
 from vmigrate.testing.fakehv._model import (
+    AuthzObject,
     FakeBitmap,
     FakeExport,
     FakeJob,
@@ -237,6 +240,20 @@ class FakeMonitor(Monitor):
             vm.announcements.append({"initial_ms": initial_ms, "max_ms": max_ms,
                                      "rounds": rounds, "step_ms": step_ms})
 
+    # -- the guest's hardware --------------------------------------------------------
+
+    async def machine_type(self) -> str:
+        """The versioned type the process resolved its machine to when it started."""
+        await asyncio.sleep(0)
+        with self._op("machine_type") as vm:
+            return vm.machine
+
+    async def qemu_offer(self, cpus: Sequence[CpuSpec]) -> QemuOffer:
+        """What the process's QEMU offers: the host's when it started (``FakeVm.qemu``)."""
+        await asyncio.sleep(0)
+        with self._op("qemu_offer") as vm:
+            return (vm.qemu or self._host.qemu).offer(cpus)
+
     # -- migration -------------------------------------------------------------------
 
     async def set_capabilities(self, caps: Mapping[str, bool]) -> None:
@@ -308,6 +325,15 @@ class FakeMonitor(Monitor):
                     raise _refuse(f"Unable to access credentials {path}: No such file or "
                                   f"directory")
             vm.objects[obj_id] = TlsObject(obj_id, directory, endpoint)
+
+    async def add_authz(self, obj_id: str, identity: str) -> None:
+        """``object-add authz-simple``: refused for a taken id."""
+        await asyncio.sleep(0)
+        with self._op("add_authz") as vm:
+            if obj_id in vm.objects:
+                raise _refuse(f"attempt to add duplicate property '{obj_id}' to object "
+                              f"(type 'container')")
+            vm.objects[obj_id] = AuthzObject(obj_id, identity)
 
     async def remove_object(self, obj_id: str) -> None:
         await asyncio.sleep(0)
@@ -461,8 +487,11 @@ class FakeMonitor(Monitor):
     def _bitmap_busy(self, vm: FakeVm, node: str, name: str) -> bool:
         return any(e.node == node and name in e.bitmaps for e in vm.exports.values())
 
-    async def nbd_server_start(self, address: NbdAddress, *,
-                               tls_id: str | None = None) -> None:
+    async def nbd_server_start(self, address: NbdAddress, *, tls_id: str | None = None,
+                               tls_authz: str | None = None,
+                               max_connections: int | None = None) -> None:
+        """``nbd-server-start``; as QEMU 7.2, ``tls_authz`` is looked up only when a
+        client connects, and ``tls_authz`` without ``tls_id`` is refused."""
         await asyncio.sleep(0)
         with self._op("nbd_server_start") as vm:
             if vm.nbd is not None:
@@ -471,8 +500,12 @@ class FakeMonitor(Monitor):
                 creds = vm.objects.get(tls_id)
                 if creds is None:
                     raise _refuse(f"No TLS credentials with id '{tls_id}'")
-                if creds.endpoint != "server":
+                if not isinstance(creds, TlsObject) or creds.endpoint != "server":
                     raise _refuse("Expecting TLS credentials with a server endpoint")
+            elif tls_authz is not None:
+                raise _refuse("TLS authorization is incompatible with a non-TLS server")
+            if max_connections is not None and max_connections < 0:
+                raise _refuse("max-connections must be a non-negative number")
             if address.unix is not None:
                 if address.unix in self._host.sockets:
                     raise _refuse(f"Failed to bind socket to {address.unix}: Address already "
@@ -482,7 +515,8 @@ class FakeMonitor(Monitor):
             else:
                 assert address.host is not None and address.port is not None
                 self._bind(vm, address.host, address.port, "nbd")
-            vm.nbd = FakeNbdServer(address, tls_id)
+            vm.nbd = FakeNbdServer(address, tls_id, tls_authz=tls_authz,
+                                   max_connections=max_connections or None)
 
     async def nbd_server_stop(self) -> None:
         """Stops the server and removes its exports (clients lose their connection)."""
@@ -553,7 +587,7 @@ class FakeMonitor(Monitor):
                 creds = vm.objects.get(tls_id)
                 if creds is None:
                     raise _refuse(f"No TLS credentials with id '{tls_id}'")
-                if creds.endpoint != "client":
+                if not isinstance(creds, TlsObject) or creds.endpoint != "client":
                     raise _refuse("Expecting TLS credentials with a client endpoint")
             where = address.unix or f"{address.host}:{address.port}"
             server: FakeVm | None = None
@@ -575,6 +609,14 @@ class FakeMonitor(Monitor):
                 raise _refuse("TLS negotiation required before option 8 (structured reply)")
             if server.nbd.tls_id is None and tls_id is not None:
                 raise _refuse("Server don't support STARTTLS option")
+            limit = server.nbd.max_connections
+            if limit is not None and self.cluster._nbd_clients(server) >= limit:
+                # QEMU stops listening while the server is full
+                raise _refuse(f"Failed to connect to '{where}': Connection refused")
+            refused = self.cluster._authz_refusal(server, server.nbd.tls_authz, vm, tls_id)
+            if refused:
+                raise _refuse(f"Failed to read option reply: Cannot read from TLS channel: "
+                              f"Software caused connection abort ({refused})")
             found_export = server.nbd.by_name(export)
             if found_export is None:
                 raise _refuse(f"Requested export not available: {export}")
