@@ -418,3 +418,20 @@ async def test_an_operator_resolves_a_job_waiting_for_them(shm: Path, keep: str)
         assert w.runs_on("h1") and not w.has_process("h2")
     with pytest.raises(ConflictError):  # only a job waiting for an operator
         await w.service().resolve(job, "destination")
+
+
+# -- a full destination ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["cold", "warm"])
+async def test_a_full_destination_has_its_own_exit_status(tmp_path: Path, mode: str) -> None:
+    """The copy runs out of space on the destination: the job fails and rolls back (the
+    guest runs on at the source), and its report carries exit status 8, not 1."""
+    w = World(tmp_path, mode)
+    w.cluster.inject(Fault("full", call="copy", side="mover"))
+    report = await w.migrate()
+    assert report.status == "failed", report.error
+    assert report.exit_status == 8
+    assert "No space left" in (report.error or "")
+    assert w.runs_on("h1") and not w.has_process("h2")
+    assert assert_consistent(w) == "failed"

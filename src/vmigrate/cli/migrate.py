@@ -258,7 +258,8 @@ def migrate(
     Exit status 0 when the migration completed, 1 when it failed or was cancelled
     (rolled back), 4 when it needs an operator (nothing was destroyed, the VM stays
     locked: see 'vmigrate job show' and 'vmigrate job recover'), 5 when the VM moved
-    but the checks after the switchover failed (it needs an operator too). A job
+    but the checks after the switchover failed (it needs an operator too), 8 when a
+    cold or warm copy ran out of space on the destination (rolled back). A job
     refused in begin (nothing was started) exits with its error's status: 2 a wrong
     request (e.g. TLS certificates that are expired, of another CA, or do not name
     the hosts), 3 a missing prerequisite, 7 a host whose SSH key is not the recorded one.

@@ -43,6 +43,7 @@ from typing import Literal
 
 from vmigrate.errors import (
     Cancelled,
+    DestinationFullError,
     MigrationFailed,
     NeedsOperator,
     VmigrateError,
@@ -305,6 +306,8 @@ class Engine:
         if job.state.phase == Phase.BEGIN and isinstance(exc, VmigrateError) \
                 and exc.exit_code not in (1, 4):
             job.report.exit_status = exc.exit_code  # refused before anything started
+        elif isinstance(exc, DestinationFullError):
+            job.report.exit_status = exc.exit_code  # scripts tell "no room" from a failure
         if not isinstance(exc, VmigrateError):
             job.log.exception("unexpected error")
         job.tolerant = True

@@ -17,8 +17,10 @@ __all__ = ["Call", "ControllerCrash", "Fault", "FaultKind", "Side"]
 #: ``command``: the hypervisor/host/transfer refused; ``connection``: the channel was
 #: lost; ``timeout``: no answer in time, the channel kept (a monitor whose main loop is
 #: blocked); ``unreachable``: the host did not answer; ``crash``: the controller died;
-#: ``cancel``: the operator asked to cancel (``on_cancel``) and the call goes on
-FaultKind = Literal["command", "connection", "timeout", "unreachable", "crash", "cancel"]
+#: ``cancel``: the operator asked to cancel (``on_cancel``) and the call goes on;
+#: ``full``: a copy's destination ran out of space (mover calls only)
+FaultKind = Literal["command", "connection", "timeout", "unreachable", "crash", "cancel",
+                    "full"]
 #: which seam a call belongs to
 Side = Literal["driver", "monitor", "mover"]
 
@@ -87,6 +89,8 @@ class Fault:
             raise ValueError("a fault needs skip >= 0 and times >= 1")
         if self.after and self.kind == "command":
             raise ValueError("a refused command has no effect to strike after")
+        if self.kind == "full" and self.side not in ("mover", None):
+            raise ValueError("only a copy runs out of space: a 'full' fault is a mover's")
         if self.on_cancel is not None and self.kind != "cancel":
             raise ValueError("on_cancel belongs to faults of kind 'cancel'")
 

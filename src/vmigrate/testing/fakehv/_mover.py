@@ -15,7 +15,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vmigrate.errors import ConflictError, HostUnreachableError, TransferError, UserError
+from vmigrate.errors import (
+    ConflictError,
+    DestinationFullError,
+    HostUnreachableError,
+    TransferError,
+    UserError,
+)
 from vmigrate.progress import Event, ProgressFn, guarded
 from vmigrate.testing.fakehv._faults import ControllerCrash, Fault
 from vmigrate.testing.fakehv._model import FakeExport, FakeHost, FakeImage, FakeVm
@@ -65,6 +71,9 @@ class FakeMover(Mover):
             return ControllerCrash(f"controller crashed during the copy {where}")
         if fault.kind == "unreachable":
             return HostUnreachableError(f"copy {where}: a host does not answer (injected)")
+        if fault.kind == "full":
+            return DestinationFullError(f"copy {where}: No space left on device (injected "
+                                        "ENOSPC); the partial copy is kept")
         return TransferError(f"copy {where} failed (injected {fault.kind})")
 
     def _export(self, src: ExportEnd, host: FakeHost) -> tuple[FakeVm, FakeExport]:
