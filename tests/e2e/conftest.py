@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +65,30 @@ class Lab:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """Start ``vmigrate ARGS`` in the background; the caller stops it by its PID."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "vmigrate.cli.main", *args],
-            env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        return LabProcess([sys.executable, "-m", "vmigrate.cli.main", *args], self.env())
 
     def cli_json(self, *args: str, timeout: float = 180) -> object:
         res = self.cli(*args, "--json", timeout=timeout)
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
+
+
+class LabProcess(subprocess.Popen[str]):
+    """A controller started in the background. Its stderr goes to a file, not a pipe: a
+    verbose controller logs more than a pipe holds, and would block on a full pipe
+    while the test waits for what it does. ``communicate`` returns it as usual."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self._errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives with the process)
+        super().__init__(argv, env=env, stdout=subprocess.PIPE, stderr=self._errors,
+                         text=True)
+
+    def communicate(self, input: str | None = None, timeout: float | None = None
+                    ) -> tuple[str, str]:
+        out, _ = super().communicate(input, timeout)
+        self._errors.seek(0)
+        return out or "", self._errors.read()
 
 @pytest.fixture(scope="session")
 def guest_image() -> None:

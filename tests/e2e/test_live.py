@@ -19,6 +19,7 @@ import pytest
 
 from tests.e2e.conftest import Lab
 from tests.e2e.test_vms import boot_sector_image, qemu_pids, wait_for_console
+from vmigrate.config import dump_inventory
 from vmigrate.lab.links import link_down, link_up, set_link_rate
 
 pytestmark = pytest.mark.lab
@@ -268,11 +269,12 @@ def test_unreachable_destination_refused_at_begin(lab: Lab, guest: list[str],
     h2 = lab.inventory.host("h2")
     config = tmp_path / "inv.toml"
     # a copy of the inventory whose h2 points at a loopback port nobody listens on
-    text = (lab.home / "vmigrate.toml").read_text()
-    config.write_text(text.replace(f'address = "{h2.address}"', 'address = "127.0.0.1"', 1)
-                      .replace("port = 22", "port = 9", 2))
+    hosts = {**lab.inventory.hosts, "h2": h2.model_copy(update={"address": "127.0.0.1",
+                                                                "port": 9})}
+    config.write_text(dump_inventory(lab.inventory.model_copy(update={"hosts": hosts})))
     res = lab.cli("--config", str(config), "migrate", "unreach", "--to", "h2", "--json")
-    assert res.returncode == 1
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stdout, res.stderr[-2000:]
     report = json.loads(res.stdout)
     assert report["status"] == "failed" and report["phase"] == "begin"
     assert vm_host(lab, "unreach") == "h1"

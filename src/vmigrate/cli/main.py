@@ -52,7 +52,9 @@ def root(
             help="Inventory file (default: $VMIGRATE_HOME/vmigrate.toml).",
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True,
+        help="Log what happens (-vv: also every SSH and QMP message).")] = 0,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
     ] = False,
@@ -60,6 +62,9 @@ def root(
     CTX.config = config
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if verbose == 1:  # the libraries' own debug logs (whole QMP replies) need -vv
+        for noisy in ("asyncssh", "qemu.qmp"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
 
 
 @app.command()

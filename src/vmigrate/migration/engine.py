@@ -67,10 +67,12 @@ class Engine:
 
     # -- the whole job ---------------------------------------------------------------
 
-    async def run(self) -> MigrationReport:
+    async def run(self, *, refused: Exception | None = None) -> MigrationReport:
         """Run the job to an end state and return its report (stored with the job).
         Raises only ``CancelledError`` (re-raised after a rollback, or, past the point
-        of no return, with the job left for ``job recover``)."""
+        of no return, with the job left for ``job recover``). ``refused``: the job
+        fails in begin with this error before anything is started (e.g. a host that
+        could not be reached to lock the VM)."""
         job = self.job
         report = job.report
         report.started_at = time.time()
@@ -87,6 +89,8 @@ class Engine:
                                   "options": report.options})
                 if report.prediction is not None:  # the plan this job started from
                     job.audit("prediction", report.prediction)
+                if refused is not None:
+                    raise refused
                 await self._until_point_of_no_return()
                 await self._forward()
             except asyncio.CancelledError:

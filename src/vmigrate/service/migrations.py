@@ -38,6 +38,7 @@ from vmigrate.drivers.base import POSTCOPY_STATES, Driver
 from vmigrate.drivers.qemu import QemuDriver
 from vmigrate.errors import (
     ConflictError,
+    HostError,
     StoreError,
     UserError,
     VmigrateError,
@@ -428,14 +429,20 @@ class MigrationService:
                               report.options, pid=os.getpid(), state=state.model_dump_json())
         # the hosts' locks, before the first side effect: another controller's job on
         # the VM refuses this one here, and it is forgotten as if never asked for
+        refused: HostError | None = None
         try:
             await self._take_locks(job_id, req.vm, [record.host, req.dest])
+        except HostError as exc:
+            # a host that cannot be reached (or whose key changed) to lock the VM there:
+            # the job fails in begin like any unreachable host, with its report and
+            # audit records, and nothing started (the locks taken were given back)
+            refused = exc
         except BaseException:
             self.store.discard_job(job_id)
             raise
         if on_job is not None:
             on_job(job_id)
-        return await self._run(state, report, lambda engine: engine.run())
+        return await self._run(state, report, lambda engine: engine.run(refused=refused))
 
     async def _witness(self, state: JobState, report: MigrationReport) -> None:
         """Give the job's hosts the witness of the audit log's head after it (see
