@@ -246,7 +246,7 @@ def test_pool_too_small_refused_at_begin(
     guest.append("big1")
     create(lab, "big1", [src])
     rc, report = online(lab, "big1", "--target-storage", "tiny")
-    assert rc == 1, report
+    assert rc == 3, report  # refused in begin: a missing prerequisite (room), nothing started
     assert report["status"] == "failed" and report["phase"] == "begin"
     assert "tiny" in report["error"] and "free" in report["error"]
     assert on_host(lab, "h2", "ls", "-A", str(tiny_pool)).stdout == ""
@@ -254,7 +254,7 @@ def test_pool_too_small_refused_at_begin(
     assert vm_pid_on(lab, "h2", "big1") is None and vm_pid_on(lab, "h1", "big1") is not None
     # an unknown pool is refused the same way, naming the pools there are
     rc, report = online(lab, "big1", "--target-storage", "nosuch")
-    assert rc == 1 and report["phase"] == "begin" and "local" in report["error"]
+    assert rc == 2 and report["phase"] == "begin" and "local" in report["error"]
 
 
 def test_online_options_need_online_mode(lab: Lab) -> None:
