@@ -51,6 +51,7 @@ from typing import Any
 
 from vmigrate.audit.log import AuditLog
 from vmigrate.config import HOME_ENV, Inventory, load_inventory
+from vmigrate.errors import VmigrateError
 from vmigrate.lab.image import build_image
 from vmigrate.lab.links import set_link_rate
 from vmigrate.lab.net import LabSpec, lab_down, lab_up, require_root
@@ -151,6 +152,8 @@ async def one_run(home: Path, link: str, level: str, name: str, how: Strategy,
             report = await mig.migrate(MigrationRequest(
                 vm=vm, dest="h2", mode="live", policy=how.policy.name,
                 compress=how.compress, tls=True))
+            if report.status == "needs-operator":  # the VM stays locked until resolved
+                await resolve(mig, store, report.job)
         finally:
             await svc.destroy(vm)
     store.close()
@@ -172,6 +175,18 @@ async def one_run(home: Path, link: str, level: str, name: str, how: Strategy,
         "max_throttle_pct": mem.get("max_throttle_pct"),
         "memcheck": r["verification"].get("memcheck"), "error": r["error"],
     }
+
+
+async def resolve(mig: MigrationService, store: Store, job_id: str) -> None:
+    """Settle a job left waiting for an operator (a guest that did not arrive intact):
+    keep the destination, else the source, so the VM can be destroyed."""
+    job = store.get_job(job_id)
+    for keep in ("destination", "source"):
+        try:
+            await mig.resolve(job, keep)
+            return
+        except VmigrateError as exc:
+            print(f"bench: resolving job {job_id} keeping the {keep}: {exc}", file=sys.stderr)
 
 
 def _ratio(a: float | None, b: float | None) -> str:

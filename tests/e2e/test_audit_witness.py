@@ -20,7 +20,7 @@ import pytest
 
 from tests.e2e.conftest import Lab
 from tests.e2e.test_live import guest, migrate
-from tests.e2e.test_vms import boot_sector_image, wait_for_console
+from tests.e2e.test_vms import start_bootsector_vm
 from vmigrate.audit import AuditLog, load_signing_key, read
 from vmigrate.audit.witness import witness_path
 from vmigrate.hosts import open_host
@@ -99,12 +99,8 @@ def test_witnesses_on_lab_hosts_catch_a_resigned_rewrite(lab: Lab, tmp_path: Pat
 
 def test_migration_leaves_its_head_on_both_hosts(lab: Lab, guest: list[str]) -> None:
     disk = lab.inventory.host("h1").pools["shared"] / "witness-boot.raw"
-    boot_sector_image(disk)
     guest.append("witvm")
-    res = lab.cli("vm", "create", "witvm", "--host", "h1", "--memory", "64M",
-                  "--disk", f"{disk},format=raw,cache=none")
-    assert res.returncode == 0, res.stderr
-    wait_for_console(lab, "witvm", "VMIGRATE-BOOTSECTOR-OK", timeout=60)
+    start_bootsector_vm(lab, "witvm", disk)
     rc, report = migrate(lab, "witvm")
     assert rc == 0, report
     head = report["audit_head"]

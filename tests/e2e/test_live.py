@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Lab
-from tests.e2e.test_vms import boot_sector_image, qemu_pids, wait_for_console
+from tests.e2e.test_vms import qemu_pids, start_bootsector_vm, wait_for_console
 from vmigrate.config import dump_inventory
 from vmigrate.lab.links import link_down, link_up, set_link_rate
 
@@ -154,12 +154,8 @@ def test_vm_dirtying_above_twice_the_link_completes(
 
 def test_vm_from_own_disk_image_migrates_live(lab: Lab, guest: list[str]) -> None:
     disk = lab.inventory.host("h1").pools["shared"] / "live-boot.raw"
-    boot_sector_image(disk)
     guest.append("diskvm")
-    res = lab.cli("vm", "create", "diskvm", "--host", "h1", "--memory", "64M",
-                  "--disk", f"{disk},format=raw,cache=none")
-    assert res.returncode == 0, res.stderr
-    wait_for_console(lab, "diskvm", "VMIGRATE-BOOTSECTOR-OK", timeout=60)
+    start_bootsector_vm(lab, "diskvm", disk)
     rc, report = migrate(lab, "diskvm")
     assert rc == 0, report
     show = lab.cli_json("vm", "show", "diskvm")

@@ -163,3 +163,13 @@ def test_bad_spec_is_refused_with_nothing_started(lab: Lab, args: list[str]) -> 
 def test_qmp_on_unknown_vm_is_user_error(lab: Lab) -> None:
     res = lab.cli("vm", "qmp", "nosuchvm", "query-status")
     assert res.returncode == 2
+
+
+def start_bootsector_vm(lab: Lab, name: str, disk: Path) -> None:
+    """VM ``name`` on h1 booting the boot-sector image written to ``disk`` (64 MiB of
+    RAM, raw, cache=none), running once its console says so."""
+    boot_sector_image(disk)
+    res = lab.cli("vm", "create", name, "--host", "h1", "--memory", "64M",
+                  "--disk", f"{disk},format=raw,cache=none")
+    assert res.returncode == 0, res.stderr
+    wait_for_console(lab, name, "VMIGRATE-BOOTSECTOR-OK", timeout=60)
