@@ -32,7 +32,7 @@ NIC_MODELS = frozenset({
     "i82550", "i82551", "i82557a", "i82557b", "i82557c", "i82558a", "i82558b",
     "i82559a", "i82559b", "i82559c", "i82559er", "i82562", "i82801",
 })
-#: the lab guest's workload text (validated in full by vmigrate.lab.workloads)
+#: the lab guest's workload text (its grammar is checked above this layer)
 _WORKLOAD_RE = re.compile(r"[A-Za-z0-9_.:=,+/-]{1,256}")
 #: Linux's COMMAND_LINE_SIZE on x86 is 2048 bytes
 MAX_APPEND = 2048
