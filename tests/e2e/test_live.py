@@ -363,9 +363,8 @@ def test_adaptive_plans_from_the_assessment_and_beats_the_ladder(
     assert adaptive["memory"]["postcopy"] is True
     paths = [s["detail"] for s in adaptive["steps"] if s["action"] == "path"]
     assert paths and "from the assessment" in paths[0], paths
-    # the lab runs TCG: no pacing there (QEMU's TCG loses writes under a paced stream)
-    assert "stream paced at" not in paths[0], paths
-    assert any("stream not paced" in n for n in adaptive["notes"]), adaptive["notes"]
+    # paced from the assessment's link figure (so the post-copy faults do not queue)
+    assert "stream paced at" in paths[0], paths
     # switched after one pass: no downtime ladder, no throttling first
     assert adaptive["memory"]["max_throttle_pct"] == 0, adaptive["memory"]
     assert not [s for s in adaptive["steps"] if s["action"] == "downtime"], adaptive["steps"]

@@ -412,21 +412,6 @@ def test_an_assessed_migration_is_paced_below_the_link_it_measured() -> None:
     assert controller.take_decisions()[0]["paced_bandwidth"] == paced
 
 
-def test_hosts_that_must_not_be_paced_are_not() -> None:
-    """pace=False (the engine's choice for TCG hosts): the same plan, no max-bandwidth."""
-    opts = MigrationOptions(policy=BUILTIN["adaptive"])
-    setup = plan_setup(opts)
-    start = Situation(remaining=RAM, dirty_rate=100e6, wss=64 * MiB, bandwidth=22e6,
-                      link=24e6)
-    controller = make_controller(opts, setup, start=start, wss=64 * MiB, bandwidth=22e6,
-                                 pace=False)
-    assert isinstance(controller, AdaptiveController)
-    params = controller.initial_parameters()
-    assert params["max-bandwidth"] == setup.parameters["max-bandwidth"]  # the setup's, unlimited
-    assert params["max-postcopy-bandwidth"] == 0  # QEMU's "no limit"
-    assert controller.paced is None
-
-
 def test_without_an_assessment_the_first_pass_sets_the_pace() -> None:
     opts = MigrationOptions(policy=BUILTIN["adaptive"])
     setup = plan_setup(opts)

@@ -313,20 +313,11 @@ class PreCopy(MemoryStrategy):
             if note not in job.report.notes:
                 job.report.notes.append(note)
         start = o.assessed.situation() if o.assessed is not None else None
-        # under TCG, QEMU 7.2's dirty tracking loses guest writes made through cached TLB
-        # entries, and a paced stream was measured to bring that out (guests arrived
-        # corrupted: docs/BENCHMARKS.md); KVM tracks dirty pages in the kernel
-        tcg = "tcg" in (job.src.config.accel, job.dst.config.accel)
-        if tcg and o.policy.adaptive:
-            note = ("stream not paced: the hosts run TCG, whose dirty tracking in QEMU 7.2 "
-                    "loses guest writes when the stream is paced")
-            if note not in job.report.notes:
-                job.report.notes.append(note)
         return make_controller(
             migration_options(job), setup, start=start,
             wss=start.wss if start is not None else ram,
             bandwidth=start.bandwidth if start is not None else float(
-                o.bandwidth or UNKNOWN_LINK), pace=not tcg)
+                o.bandwidth or UNKNOWN_LINK))
 
     @staticmethod
     def _audit_plan(job: Job, controller: Controller | None) -> None:

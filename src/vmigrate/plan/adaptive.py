@@ -694,11 +694,11 @@ def max_downtime_ms(opts: MigrationOptions) -> float:
 def make_controller(opts: MigrationOptions, setup: MigrationSetup, *,
                     start: Situation | None, wss: float, bandwidth: float,
                     switchover_ms: float = 20.0, postcopy_switch_ms: float = 110.0,
-                    backlog_ms: float = 40.0, pace: bool = True
+                    backlog_ms: float = 40.0
                     ) -> ConvergenceController | AdaptiveController:
     """The controller for ``opts``: the adaptive one for an adaptive policy (within
-    :func:`max_downtime_ms`, paced unless ``pace`` is false or the setup caps the
-    bandwidth), the schedule follower otherwise."""
+    :func:`max_downtime_ms`, paced unless the setup caps the bandwidth), the schedule
+    follower otherwise."""
     if not opts.policy.adaptive:
         return ConvergenceController(opts, setup)
     limit = max_downtime_ms(opts)
@@ -715,4 +715,4 @@ def make_controller(opts: MigrationOptions, setup: MigrationSetup, *,
                     postcopy_switch_ms=postcopy_switch_ms,
                     backlog_ms=backlog_ms)
     return AdaptiveController(opts, setup, limits=limits, start=start, wss=wss,
-                              bandwidth=bandwidth, pace=pace and not capped)
+                              bandwidth=bandwidth, pace=not capped)
