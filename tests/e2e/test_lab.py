@@ -195,14 +195,15 @@ def test_link_rate_and_cut(net_lab: tuple[Path, str]) -> None:
     home, name = net_lab
     status = net.lab_status(home)
     h1, h2 = status.hosts
-    assert h1.link_rate == "200Mbit"
+    assert (h1.uplink_rate, h1.downlink_rate) == ("200Mbit", "200Mbit")
 
     links.set_link_rate(home, "h1", "50mbit")
     for dev, ns in ((f"{name}-h1g", f"{name}-h1"), (f"{name}-s1g", f"{name}-sw")):
         line = _sys.qdisc_line(dev, ns)
         assert line is not None and "rate 50Mbit" in line
-    assert net.lab_status(home).hosts[0].link_rate == "50Mbit"
-    assert net.lab_status(home).hosts[1].link_rate == "200Mbit"
+    s1, s2 = net.lab_status(home).hosts
+    assert (s1.uplink_rate, s1.downlink_rate) == ("50Mbit", "50Mbit")
+    assert (s2.uplink_rate, s2.downlink_rate) == ("200Mbit", "200Mbit")
 
     assert ping(f"{name}-h1", h2.migration_address)
     links.link_down(home, "h1")
@@ -217,7 +218,7 @@ def test_link_rate_and_cut(net_lab: tuple[Path, str]) -> None:
         assert time.monotonic() < deadline, "migration link did not come back"
     assert net.lab_status(home).hosts[0].link_up
     # shaping survives the cut
-    assert net.lab_status(home).hosts[0].link_rate == "50Mbit"
+    assert net.lab_status(home).hosts[0].uplink_rate == "50Mbit"
 
 
 def test_two_labs_get_separate_subnets(net_lab: tuple[Path, str], tmp_path_factory:

@@ -163,7 +163,7 @@ def test_pick_index_exhausted() -> None:
 def sample_state() -> LabState:
     return LabState(
         name="vml", index=3, hosts=2, link_rate="1gbit", created=1700000000.5,
-        rates={"h1": "1gbit", "h2": "200mbit"},
+        uplinks={"h1": "1gbit", "h2": "1gbit"}, downlinks={"h1": "1gbit", "h2": "200mbit"},
         resources=[
             Resource("dir", path="/x/labs/vml"),
             Resource("netns", name="vml-h1"),
@@ -188,7 +188,7 @@ def test_state_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", "2", None, True])
 def test_state_rejects_unknown_version(version: object) -> None:
     raw = json.loads(sample_state().to_json())
     raw["version"] = version
@@ -208,7 +208,8 @@ def test_state_rejects_unknown_version(version: object) -> None:
         lambda r: r["resources"].append({"kind": "volcano"}),
         lambda r: r["resources"].append({"kind": "link", "name": "x", "colour": "red"}),
         lambda r: r["resources"].append({"kind": "link", "name": 5}),
-        lambda r: r.update(rates={"h1": 5}),
+        lambda r: r.update(uplinks={"h1": 5}),
+        lambda r: r.update(downlinks=["h1"]),
     ],
 )
 def test_state_rejects_invalid(mutate: object) -> None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from vmigrate import units
 from vmigrate.errors import LabError, SpecError
@@ -40,6 +41,11 @@ VM_BRIDGE = "brvm"
 
 #: the slowest link the lab shapes, bits/s
 MIN_RATE_BITS = 8000
+
+#: A direction of a host's migration link: ``up`` is host -> switch (shaped on the
+#: host's end of the veth), ``down`` is switch -> host (shaped on the switch's end).
+Direction = Literal["up", "down"]
+DIRECTIONS: tuple[Direction, ...] = ("up", "down")
 
 
 def validate_name(name: str) -> str:
@@ -69,6 +75,53 @@ def parse_rate(rate: str) -> int:
     if bits < MIN_RATE_BITS:
         raise SpecError(f"invalid link rate {rate!r}: at least 8kbit")
     return int(bits)
+
+
+def host_names(hosts: int) -> list[str]:
+    """The host names of a lab of ``hosts`` hosts: ``h1`` .. ``hN``."""
+    return [f"h{i}" for i in range(1, validate_hosts(hosts) + 1)]
+
+
+def validate_link_rates(rates: Mapping[str, str], hosts: int, what: str) -> dict[str, str]:
+    """``rates`` (host -> tc rate) as a dict, if every host is one of the lab's
+    (``h1`` .. ``hN``) and every rate is valid; else :class:`SpecError` naming ``what``
+    (e.g. ``uplink``)."""
+    if not isinstance(rates, Mapping):
+        raise SpecError(f"invalid {what} rates {rates!r}: expected host -> rate")
+    known = host_names(hosts)
+    for host, rate in rates.items():
+        if host not in known:
+            raise SpecError(
+                f"invalid {what} for host {host!r}: the lab's hosts are {', '.join(known)}"
+            )
+        if not isinstance(rate, str):
+            raise SpecError(f"invalid {what} rate {rate!r} for {host}: expected tc syntax")
+        parse_rate(rate)
+    return dict(rates)
+
+
+def parse_host_rates(items: Iterable[str], what: str) -> dict[str, str]:
+    """``["h1=1gbit", "h2=200mbit"]`` (command-line form) as ``{"h1": "1gbit", ...}``.
+
+    Checks the form and the rates, not that the hosts exist (the lab's size decides:
+    :func:`validate_link_rates`). Raises :class:`SpecError` naming ``what`` for a
+    missing ``=``, an invalid host name or rate, or a host given twice."""
+    rates: dict[str, str] = {}
+    for item in items:
+        host, sep, rate = item.partition("=")
+        host, rate = host.strip(), rate.strip()
+        if not sep or not host or not rate:
+            raise SpecError(f"invalid {what} {item!r}: use HOST=RATE, e.g. h2=200mbit")
+        if not re.fullmatch(r"h[1-9][0-9]*", host):
+            raise SpecError(f"invalid {what} {item!r}: lab hosts are named h1, h2, ...")
+        if host in rates:
+            raise SpecError(f"{what} for {host} given twice ({rates[host]}, {rate})")
+        try:
+            parse_rate(rate)
+        except SpecError as exc:
+            raise SpecError(f"invalid {what} {item!r}: {exc}") from None
+        rates[host] = rate
+    return rates
 
 
 def tbf_params(rate: str) -> tuple[int, str]:

@@ -4,10 +4,17 @@ Write-ahead: every resource is appended to the file (atomically replaced and
 fsynced) *before* it is created, so teardown after a crash removes exactly
 what may exist. Format::
 
-    {"magic": "vmigrate-lab-state", "version": 1, "name": "vml", "index": 1,
-     "hosts": 2, "link_rate": "1gbit", "rates": {"h1": "1gbit"},
+    {"magic": "vmigrate-lab-state", "version": 2, "name": "vml", "index": 1,
+     "hosts": 2, "link_rate": "1gbit",
+     "uplinks": {"h1": "1gbit", "h2": "1gbit"},
+     "downlinks": {"h1": "1gbit", "h2": "200mbit"},
      "phase": "building" | "up", "created": 1700000000.0,
      "resources": [{"kind": "netns", "name": "vml-h1"}, ...]}
+
+``link_rate`` is the lab's default rate; ``uplinks`` and ``downlinks`` the rate each
+host's migration link is shaped to now, host -> switch and switch -> host. Version 1
+(written before links had directions) had one ``rates`` map for both; it is read as
+that rate in both directions, and written back as version 2.
 
 Resource kinds: ``dir`` (path), ``netns`` (name), ``link`` (name, netns or
 null for the root namespace), ``sshd`` (name = host, netns, path = pidfile),
@@ -28,7 +35,8 @@ from typing import Any, Literal, cast, get_args
 from vmigrate.errors import LabError
 
 MAGIC = "vmigrate-lab-state"
-VERSION = 1
+VERSION = 2
+_READS = (1, 2)
 STATE_NAME = "state.json"
 
 Kind = Literal["dir", "netns", "link", "sshd", "inventory"]
@@ -57,8 +65,14 @@ class LabState:
     link_rate: str
     created: float
     phase: Phase = "building"
-    rates: dict[str, str] = field(default_factory=dict)
+    uplinks: dict[str, str] = field(default_factory=dict)
+    downlinks: dict[str, str] = field(default_factory=dict)
     resources: list[Resource] = field(default_factory=list)
+
+    def link_rates(self, host: str) -> tuple[str, str]:
+        """(uplink, downlink) rate of ``host``, tc syntax; the lab's default for a
+        direction not recorded."""
+        return (self.uplinks.get(host, self.link_rate), self.downlinks.get(host, self.link_rate))
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"magic": MAGIC, "version": VERSION}
@@ -74,12 +88,18 @@ class LabState:
             raise LabError(f"{source}: lab state is not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or data.get("magic") != MAGIC:
             raise LabError(f"{source}: not a vmigrate lab state file (bad magic)")
-        if data.get("version") != VERSION:
+        version = data.get("version")
+        if isinstance(version, bool) or version not in _READS:
             raise LabError(
-                f"{source}: lab state version {data.get('version')!r} is not known "
-                f"(this vmigrate reads version {VERSION})"
+                f"{source}: lab state version {version!r} is not known "
+                f"(this vmigrate reads versions {', '.join(map(str, _READS))})"
             )
         try:
+            if version == 1:
+                uplinks = downlinks = _str_dict(data.get("rates", {}), "rates")
+            else:
+                uplinks = _str_dict(data.get("uplinks", {}), "uplinks")
+                downlinks = _str_dict(data.get("downlinks", {}), "downlinks")
             return cls(
                 name=_typed(data, "name", str),
                 index=_typed(data, "index", int),
@@ -87,7 +107,8 @@ class LabState:
                 link_rate=_typed(data, "link_rate", str),
                 created=float(_typed(data, "created", (int, float))),
                 phase=cast(Phase, _choice(data, "phase", _PHASES)),
-                rates=_str_dict(data.get("rates", {})),
+                uplinks=uplinks,
+                downlinks=dict(downlinks),
                 resources=[_resource(r) for r in _typed(data, "resources", list)],
             )
         except (TypeError, ValueError, KeyError) as exc:
@@ -108,11 +129,11 @@ def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
     return cast(str, value)
 
 
-def _str_dict(value: object) -> dict[str, str]:
+def _str_dict(value: object, key: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise TypeError("field 'rates' must map host names to rate strings")
+        raise TypeError(f"field {key!r} must map host names to rate strings")
     return dict(value)
 
 

@@ -3,7 +3,9 @@
 :func:`lab_up <vmigrate.lab.net.lab_up>` shapes every host's migration link
 (``tc tbf`` on both ends of its veth, at the lab's rate). While the lab runs,
 tests and benchmarks change those links here: :func:`set_link_rate` reshapes
-one, :func:`link_down` cuts it (both ends administratively down) and
+one (both directions, or only its uplink, host -> switch, or its downlink,
+switch -> host), :func:`lab_link_rates` says what each is shaped to,
+:func:`link_down` cuts it (both ends administratively down) and
 :func:`link_up` restores it; :func:`vm_link_down` / :func:`vm_link_up` do the same
 to a host's uplink to the VM network (its guests fall silent outside the host);
 :func:`link_bytes` reads what crossed it, as the kernel counts it, and
@@ -16,17 +18,20 @@ of ``<home>/vmigrate.toml``, else the only lab in ``<home>/labs``), and raises
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
+from typing import Literal
 
-from vmigrate.errors import LabError
+from vmigrate.errors import SpecError
 from vmigrate.lab import _sys
-from vmigrate.lab._plan import parse_rate
+from vmigrate.lab._netdev import NetDevFile
+from vmigrate.lab._plan import Direction, parse_rate
 from vmigrate.lab._state import STATE_NAME, write_state
-from vmigrate.lab.net import find_host, lab_dir, require_root, shape_link
+from vmigrate.lab.net import find_host, find_lab, lab_dir, require_root, shape_link
 
 __all__ = [
+    "LinkDirection",
     "host_netns",
+    "lab_link_rates",
     "link_bytes",
     "link_down",
     "link_up",
@@ -35,15 +40,46 @@ __all__ = [
     "vm_link_up",
 ]
 
+#: Which way of a host's migration link: ``up`` host -> switch, ``down`` switch ->
+#: host, ``both``.
+LinkDirection = Literal["both", "up", "down"]
+_DIRECTIONS: dict[str, tuple[Direction, ...]] = {
+    "both": ("up", "down"), "up": ("up",), "down": ("down",)}
 
-def set_link_rate(home: Path, host: str, rate: str, name: str | None = None) -> None:
-    """Reshape both ends of ``host``'s migration link to ``rate`` (tc syntax)."""
+
+def set_link_rate(home: Path, host: str, rate: str, name: str | None = None,
+                  direction: LinkDirection = "both") -> None:
+    """Reshape ``host``'s migration link to ``rate`` (tc syntax) in ``direction``:
+    ``up`` (host -> switch: tbf on the host's end of the veth), ``down`` (switch ->
+    host: the switch's end) or ``both``; record it in the lab state.
+
+    Raises :class:`SpecError` for a bad rate or direction (nothing changed),
+    :class:`LabError` when ``tc`` fails (the state then still holds the old rate; the
+    first direction may be reshaped already)."""
     parse_rate(rate)
+    if direction not in _DIRECTIONS:
+        raise SpecError(f"invalid link direction {direction!r}: use up, down or both")
     require_root()
     state, plan, hp = find_host(home, host, name)
-    shape_link(plan, hp.host, rate)
-    state.rates[hp.host] = rate
+    shape_link(plan, hp.host, rate, _DIRECTIONS[direction])
+    if direction in ("both", "up"):
+        state.uplinks[hp.host] = rate
+    if direction in ("both", "down"):
+        state.downlinks[hp.host] = rate
     write_state(lab_dir(home, state.name) / STATE_NAME, state)
+
+
+def lab_link_rates(home: Path, name: str | None = None) -> dict[str, tuple[float, float]]:
+    """host -> (uplink, downlink) rate in bytes per second, as recorded in the lab
+    state (what :func:`~vmigrate.lab.net.lab_up` and :func:`set_link_rate` shaped).
+    Needs no root. The uplink carries the host's sends (host -> switch), the
+    downlink what it receives."""
+    state, plan = find_lab(home, name)
+    rates = {}
+    for hp in plan.hosts:
+        up, down = state.link_rates(hp.host)
+        rates[hp.host] = (parse_rate(up) / 8, parse_rate(down) / 8)
+    return rates
 
 
 def link_down(home: Path, host: str, name: str | None = None) -> None:
@@ -69,16 +105,12 @@ def vm_link_up(home: Path, host: str, name: str | None = None) -> None:
 
 def link_bytes(home: Path, host: str, name: str | None = None) -> tuple[int, int]:
     """(received, sent) bytes so far on ``host``'s migration interface, as the kernel
-    counts them (IP and TCP headers included): an independent wire measurement."""
+    counts them (Ethernet, IP and TCP headers included): an independent wire
+    measurement. Needs root; raises :class:`LabError` when they cannot be read.
+    (:class:`~vmigrate.lab.traffic.LinkSampler` samples them over time.)"""
     _state, _plan, hp = find_host(home, host, name)
-    base = Path("/sys/class/net") / hp.mig_if / "statistics"
-    res = subprocess.run(["ip", "netns", "exec", hp.netns, "cat", "--", str(base / "rx_bytes"),
-                          str(base / "tx_bytes")],
-                         capture_output=True, text=True, check=False)
-    fields = res.stdout.split()
-    if res.returncode != 0 or len(fields) != 2:
-        raise LabError(f"cannot read {hp.mig_if} counters in {hp.netns}: {res.stderr.strip()}")
-    return int(fields[0]), int(fields[1])
+    with NetDevFile(hp.netns) as counters:
+        return counters.counters(hp.mig_if)
 
 
 def host_netns(home: Path, host: str, name: str | None = None) -> str:

@@ -34,8 +34,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmigrate import pki
@@ -59,6 +59,7 @@ from vmigrate.errors import (
 from vmigrate.lab import _sshd, _sys
 from vmigrate.lab._plan import (
     VM_BRIDGE,
+    Direction,
     HostPlan,
     LabPlan,
     make_plan,
@@ -66,6 +67,7 @@ from vmigrate.lab._plan import (
     pick_index,
     tbf_params,
     validate_hosts,
+    validate_link_rates,
     validate_name,
 )
 from vmigrate.lab._state import (
@@ -83,6 +85,7 @@ __all__ = [
     "LabSpec",
     "LabStatus",
     "find_host",
+    "find_lab",
     "lab_dir",
     "lab_down",
     "lab_status",
@@ -101,17 +104,33 @@ _TOOLS = ("ip", "tc", "ssh-keygen")
 @dataclass(frozen=True)
 class LabSpec:
     """What to build. ``name``: 1-6 of ``[a-z][a-z0-9]*`` (interface names are
-    limited to 15 characters); ``hosts``: 1..8; ``link_rate``: tc rate syntax."""
+    limited to 15 characters); ``hosts``: 1..8; ``link_rate``: tc rate syntax, every
+    host's migration link in both directions unless overridden per host:
+    ``uplinks`` (host -> switch) and ``downlinks`` (switch -> host) map host names
+    (``h1`` .. ``hN``) to tc rates."""
 
     name: str = "vml"
     hosts: int = 2
     link_rate: str = "1gbit"
+    uplinks: Mapping[str, str] = field(default_factory=dict)
+    downlinks: Mapping[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise :class:`vmigrate.errors.SpecError` if any field is invalid."""
+        """Raise :class:`vmigrate.errors.SpecError` if any field is invalid (an
+        override naming a host the lab does not have included)."""
         validate_name(self.name)
         validate_hosts(self.hosts)
         parse_rate(self.link_rate)
+        validate_link_rates(self.uplinks, self.hosts, "uplink")
+        validate_link_rates(self.downlinks, self.hosts, "downlink")
+
+    def link_rates(self) -> dict[str, tuple[str, str]]:
+        """host -> (uplink, downlink) rate, tc syntax, overrides applied."""
+        return {
+            f"h{i}": (self.uplinks.get(f"h{i}", self.link_rate),
+                      self.downlinks.get(f"h{i}", self.link_rate))
+            for i in range(1, self.hosts + 1)
+        }
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,10 @@ class HostStatus:
     sshd_alive: bool
     mgmt_address: str
     migration_address: str
-    link_rate: str | None  # the rate tc reports on the host's end, None if unknown
+    # the rates tc reports now, None if unknown (no root, no qdisc): uplink on the
+    # host's end of the migration veth (host -> switch), downlink on the switch's end
+    uplink_rate: str | None
+    downlink_rate: str | None
     link_up: bool  # both ends of the migration veth administratively up
     qemu_pids: tuple[int, ...]
 
@@ -138,7 +160,7 @@ class LabStatus:
     index: int
     dir: Path
     phase: str
-    link_rate: str  # the rate the lab was built with
+    link_rate: str  # the lab's default rate (hosts may override it per direction)
     vm_network: str
     probe_netns: str
     probe_address: str
@@ -195,9 +217,11 @@ def lab_up(spec: LabSpec, home: Path, *, progress: ProgressFn | None = None) -> 
         index = pick_index(_sys.networks_in_use(), _indexes_of_labs(home))
         plan = make_plan(spec.name, index, spec.hosts)
         labdir = lab_dir(home, spec.name)
+        rates = spec.link_rates()
         state = LabState(
             name=spec.name, index=index, hosts=spec.hosts, link_rate=spec.link_rate,
-            created=time.time(), rates={h.host: spec.link_rate for h in plan.hosts},
+            created=time.time(), uplinks={h: up for h, (up, _down) in rates.items()},
+            downlinks={h: down for h, (_up, down) in rates.items()},
             resources=[Resource("dir", path=str(labdir))],
         )
         try:
@@ -269,6 +293,13 @@ def lab_down(
     return removed
 
 
+def find_lab(home: Path, name: str | None = None) -> tuple[LabState, LabPlan]:
+    """The recorded state and plan of lab ``name`` in ``home`` (``name`` None: as
+    :func:`lab_down` resolves it). Raises :class:`NotFoundError` when there is no
+    such lab."""
+    return _load(_abs(home), name)
+
+
 def find_host(home: Path, host: str, name: str | None = None) -> tuple[LabState, LabPlan, HostPlan]:
     """The recorded state and plan of lab ``name`` in ``home`` (``name`` None: as
     :func:`lab_down` resolves it) and the plan of its host ``host``.
@@ -278,13 +309,18 @@ def find_host(home: Path, host: str, name: str | None = None) -> tuple[LabState,
     return state, plan, _host_plan(plan, host)
 
 
-def shape_link(plan: LabPlan, host: str, rate: str) -> None:
-    """tbf at ``rate`` (tc syntax) on both ends of ``host``'s migration veth.
+def shape_link(plan: LabPlan, host: str, rate: str,
+               directions: tuple[Direction, ...] = ("up", "down")) -> None:
+    """tbf at ``rate`` (tc syntax) on ``host``'s migration veth, in ``directions``:
+    ``up`` (host -> switch) shapes the host's end, ``down`` (switch -> host) the
+    switch's end (tbf shapes what an interface sends).
 
     Raises :class:`LabError` when ``tc`` fails (an end may be shaped already)."""
     hp = plan.host(host)
     burst, latency = tbf_params(rate)
-    for dev, ns in ((hp.mig_if, hp.netns), (hp.mig_switch_if, plan.switch_netns)):
+    ends = {"up": (hp.mig_if, hp.netns), "down": (hp.mig_switch_if, plan.switch_netns)}
+    for direction in directions:
+        dev, ns = ends[direction]
         _sys.tc("qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
                 "burst", str(burst), "latency", latency, netns=ns)
 
@@ -302,15 +338,16 @@ def lab_status(home: Path, name: str | None = None) -> LabStatus:
         present = _sys.netns_exists(hp.netns)
         pidfile = sshd_pidfiles.get(hp.host)
         pid = _sys.read_pidfile(pidfile) if pidfile else None
-        rate = link_ok = None
+        up_rate = down_rate = link_ok = None
         if present:
-            rate = _tbf_rate(_sys.qdisc_line(hp.mig_if, hp.netns))
+            up_rate = _tbf_rate(_sys.qdisc_line(hp.mig_if, hp.netns))
+            down_rate = _tbf_rate(_sys.qdisc_line(hp.mig_switch_if, plan.switch_netns))
             link_ok = _is_up(hp.mig_if, hp.netns) and _is_up(hp.mig_switch_if, plan.switch_netns)
         hosts.append(HostStatus(
             host=hp.host, netns=hp.netns, netns_present=present, sshd_pid=pid,
             sshd_alive=pid is not None and _sys.pid_alive(pid),
             mgmt_address=hp.mgmt_address, migration_address=hp.migration_address,
-            link_rate=rate, link_up=bool(link_ok),
+            uplink_rate=up_rate, downlink_rate=down_rate, link_up=bool(link_ok),
             qemu_pids=tuple(pid for pid, _ in _qemu_pids(_host_dir(labdir, hp.host) / "data")),
         ))
     return LabStatus(
@@ -343,9 +380,15 @@ class _Builder:
         plan = self.plan
         self.make_dirs_and_keys()
         self.make_namespaces_and_links()
+        odd = []
         for hp in plan.hosts:
-            shape_link(plan, hp.host, self.state.rates[hp.host])
-        self.say(f"migration links shaped to {self.state.link_rate} (tbf, both directions)")
+            up, down = self.state.link_rates(hp.host)
+            shape_link(plan, hp.host, up, ("up",))
+            shape_link(plan, hp.host, down, ("down",))
+            if (up, down) != (self.state.link_rate, self.state.link_rate):
+                odd.append(f"{hp.host} up {up} down {down}")
+        self.say(f"migration links shaped to {self.state.link_rate} (tbf, both directions)"
+                 + (f", except {'; '.join(odd)}" if odd else ""))
         self.start_sshds()
         inventory = self.write_inventory()
         self.make_tls_credentials(inventory)
