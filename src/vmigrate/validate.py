@@ -23,7 +23,9 @@ The forms are deliberately narrower than what the kernel or QEMU accept:
 * **commands** (``qemu_binary``, the first word of ``vmigrate_command``): a bare
   command name or an absolute path;
 * **free text** (a kernel command line, one argv word): printable, no control
-  characters, bounded length.
+  characters, bounded length;
+* **name patterns** (``[tiers.X]`` and ``[groups.X]`` ``vms``): fnmatch globs over VM
+  names, matched case-sensitively by :func:`name_matches`, the one matcher of both.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 COMMAND_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: a glob over names: name characters and fnmatch's ``* ? [ ] !``
+GLOB_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 #: punctuation a path may hold besides letters and digits
 PATH_PUNCT = frozenset("_.-+@%=,:~/")
 MAX_PATH = 4095
@@ -176,3 +182,18 @@ def check_word(value: str, what: str = "argument") -> str:
     if isinstance(value, str) and not value:
         raise ValueError(f"{what} may not be empty")
     return check_text(value, what, limit=MAX_PATH)
+
+
+def check_glob(value: str, what: str = "name pattern") -> str:
+    """``value`` if it is a glob over names (name characters and ``* ? [ ] !``, 1-128)."""
+    if not isinstance(value, str) or not GLOB_RE.fullmatch(value):
+        raise ValueError(
+            f"{what} must be 1-128 characters of letters, digits, '.', '_', '-' and the "
+            f"wildcards '*', '?', '[...]'; got {_show(str(value))}")
+    return value
+
+
+def name_matches(name: str, globs: Iterable[str]) -> bool:
+    """Whether ``name`` matches one of ``globs`` (fnmatch, case-sensitive): the one
+    matcher of VM name patterns, for tiers and groups alike."""
+    return any(fnmatchcase(name, glob) for glob in globs)

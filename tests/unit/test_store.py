@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmigrate.errors import ConflictError, NotFoundError, StoreError
+from vmigrate.errors import ConflictError, NotFoundError, StoreError, UserError
 from vmigrate.store import Store
 
 
@@ -136,3 +136,62 @@ def test_upgrades_version_3_with_a_state_column(tmp_path: Path) -> None:
     assert store.get_job("old").state is None  # jobs of older versions keep no state
     store.create_job("new", "vm", "live", "a", "b", {}, state="{}")
     assert store.get_job("new").state == "{}"
+
+
+# -- host states (issue 14) ----------------------------------------------------------------
+
+
+def test_host_state_set_at_run_time_overrides_the_inventory(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    eff = store.effective_host_state("h1", "active")
+    assert (eff.state, eff.source, eff.since, eff.reason) == ("active", "inventory", None, "")
+    assert store.get_host_state("h1") is None
+    rec = store.set_host_state("h1", "maintenance", "disk swap", since=1000.0)
+    assert (rec.host, rec.state, rec.since, rec.reason) == ("h1", "maintenance", 1000.0,
+                                                            "disk swap")
+    assert store.get_host_state("h1") == rec
+    eff = store.effective_host_state("h1", "active")
+    assert (eff.state, eff.source, eff.since) == ("maintenance", "store", 1000.0)
+    # activate: the operator's word wins over a declared maintenance too
+    store.set_host_state("h1", "active", "")
+    assert store.effective_host_state("h1", "maintenance").state == "active"
+    store.set_host_state("h2", "draining")
+    store.close()
+    store = Store(tmp_path / "db")  # durable
+    assert set(store.list_host_states()) == {"h1", "h2"}
+    assert store.clear_host_state("h1") is True
+    assert store.clear_host_state("h1") is False
+    assert store.effective_host_state("h1", "maintenance").source == "inventory"
+    h2 = store.get_host_state("h2")
+    assert h2 is not None and h2.as_dict()["state"] == "draining"
+
+
+@pytest.mark.parametrize(("host", "state", "reason"), [
+    ("h1", "gone", ""), ("h1", "Active", ""), ("a;b", "active", ""), ("", "active", ""),
+    ("h1", "maintenance", "a\nb"), ("h1", "maintenance", "x" * 501),
+])
+def test_host_state_refuses_what_is_not_one(tmp_path: Path, host: str, state: str,
+                                            reason: str) -> None:
+    store = Store(tmp_path / "db")
+    with pytest.raises(UserError):
+        store.set_host_state(host, state, reason)
+    assert store.list_host_states() == {}
+
+
+def test_upgrades_version_5_with_host_states(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.add_vm("vm", "h1", "{}")
+    store.close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("DROP TABLE host_states")
+    db.execute("UPDATE meta SET value='5' WHERE key='version'")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "db")
+    assert [v.name for v in store.list_vms()] == ["vm"]
+    store.set_host_state("h1", "maintenance", "upgrade")
+    assert store.get_host_state("h1") is not None
+    store.close()
+    db = sqlite3.connect(tmp_path / "db")
+    assert db.execute("SELECT value FROM meta WHERE key='version'").fetchone() == ("6",)
+    db.close()

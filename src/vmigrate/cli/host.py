@@ -1,13 +1,16 @@
-"""``vmigrate host ...``: the inventory's hosts as SSH sees them."""
+"""``vmigrate host ...``: the inventory's hosts: their SSH keys, state and capacity."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from vmigrate.cli._common import CTX, err, out, print_json, run
+from vmigrate.config import Inventory, Link
 from vmigrate.errors import UserError
 from vmigrate.hosts import (
     fetch_host_key,
@@ -16,10 +19,12 @@ from vmigrate.hosts import (
     known_keys,
     record_host_key,
 )
+from vmigrate.service.capacity import HostUsage, fleet_usage
 
 app = typer.Typer(
     rich_markup_mode=None,
-    help="The inventory's hosts: record the SSH host key of a host on purpose. vmigrate "
+    help="The inventory's hosts: list them with their state, memory, CPU and links "
+    "('host list'); record the SSH host key of a host on purpose ('host trust'). vmigrate "
     "checks every SSH host key against the inventory's host_key pin or the host's "
     "known_hosts file (default $VMIGRATE_HOME/known_hosts), never through ~/.ssh/config.",
     no_args_is_help=True,
@@ -85,3 +90,135 @@ def trust(
         print_json({**result, "changed": True})
     else:
         out.print(f"recorded {result['key_type']} {got} for {where} in {path}")
+
+
+# -- host list ------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20)):
+        if n >= scale:
+            return f"{sign}{n / scale:.1f}{unit}".replace(".0" + unit, unit)
+    return f"{sign}{n}B"
+
+
+def _rate(bytes_per_s: float) -> str:
+    bits = bytes_per_s * 8
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:.3g}{unit}"
+    return f"{bits:.0f}bit"
+
+
+def _link_text(link: Link) -> str:
+    """``h1-up 500mbit of 1gbit``: what migrations may use of the link."""
+    if link.capacity is None or link.migration_rate is None:
+        return f"{link.name} {link.budget:.0%} of ?"
+    return f"{link.name} {_rate(link.migration_rate)} of {_rate(link.capacity)}"
+
+
+def _link_dict(link: Link) -> dict[str, Any]:
+    return {"name": link.name, "capacity": link.capacity, "budget": link.budget,
+            "migration_rate": link.migration_rate, "declared": link.declared}
+
+
+def _host_dict(inv: Inventory, usage: HostUsage) -> dict[str, Any]:
+    up, down = inv.host_links(usage.host)
+    return {**usage.as_dict(), "labels": inv.host(usage.host).labels,
+            "uplink": _link_dict(inv.link(up)), "downlink": _link_dict(inv.link(down))}
+
+
+def _ago(since: float) -> str:
+    s = max(time.time() - since, 0)
+    for unit, scale in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= scale:
+            return f"{s / scale:.0f} {unit} ago"
+    return f"{s:.0f} s ago"
+
+
+@app.command("list")
+def list_(
+    hosts: Annotated[list[str] | None, typer.Argument(
+        help="Only these inventory hosts (default: all).", metavar="HOST",
+        show_default=False)] = None,
+    no_measure: Annotated[bool, typer.Option(
+        "--no-measure", help="Do not contact the hosts: show only what the inventory and "
+        "the store say (VM sizes from their specs; CPU use and unknown capacities blank).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts (sizes in "
+                                          "bytes, rates in bytes/s, CPU in CPUs).")] = False,
+) -> None:
+    """List the inventory's hosts: state, memory, CPU, labels and migration links.
+
+    \b
+    state    active takes VMs; draining is being emptied and takes none;
+             maintenance is out of service. The inventory declares it (state =
+             ...); a state an operator sets at run time is kept in the store
+             and wins over it (marked 'set', with when and why below the table).
+    VMs      the VMs vmigrate manages there (the store), counting stopped ones
+             (they may start again) and VMs migrating in.
+    memory   their guest memory (from their specs) / the host's memory (the
+             inventory's memory = ..., else MemTotal read on the host: '*').
+             reserve is kept for the host itself (reserve_memory = ...); free
+             is what more VMs may take: total - reserve - used.
+    CPU      vCPUs given to those VMs / the host's CPUs (cpus = ..., else nproc:
+             '*'); busy: CPUs their QEMU processes kept busy over one second.
+    links    the uplink and downlink a host's migrations leave and arrive by,
+             and how much of each migrations may use: capacity x budget from
+             [links.NAME] (budget default 50%: the rest is kept for the VMs' own
+             traffic); '?' where the capacity is not declared.
+
+    Measuring asks every host over SSH at once (about a second). A host that cannot
+    be reached is listed with what the store knows, its error on stderr. Exit status
+    0, or 2 for an unknown host.
+    """
+    inv = CTX.inventory()
+    names = list(hosts) if hosts else list(inv.hosts)
+    for name in names:
+        inv.host(name)  # an unknown host: exit 2 before anything runs
+    store = CTX.store()
+    try:
+        usages = run(fleet_usage(inv, store, names, measure=not no_measure))
+    finally:
+        store.close()
+    if as_json:
+        print_json([_host_dict(inv, u) for u in usages])
+        return
+    if not usages:
+        out.print("no hosts in the inventory")
+        return
+    table = Table("host", "state", "VMs", "memory used / total", "reserve", "free",
+                  "vCPUs / CPUs", "busy", "labels", "links: migrations may use")
+    notes: list[str] = []
+    measured_mark = False
+    for u in usages:
+        up, down = inv.host_links(u.host)
+        state = u.state.state + (" (set)" if u.state.source == "store" else "")
+        if u.state.source == "store" and u.state.since is not None:
+            why = f": {u.state.reason}" if u.state.reason else ""
+            notes.append(f"{u.host}: {u.state.state}, set {_ago(u.state.since)}{why}")
+        gone = sum(vm.gone for vm in u.vms)
+        incoming = sum(vm.incoming for vm in u.vms)
+        vms = str(len(u.vms)) + "".join(
+            f"\n{n} {what}" for n, what in ((gone, "stopped"), (incoming, "incoming")) if n)
+        mark = "*" if u.memory_source == "measured" or u.cpus_source == "measured" else ""
+        measured_mark = measured_mark or bool(mark)
+        memory = f"{_size(u.memory_used)} / {_size(u.memory)}"
+        memory += "*" if u.memory_source == "measured" else ""
+        cpus = f"{u.vcpus} / {u.cpus if u.cpus is not None else '?'}"
+        cpus += "*" if u.cpus_source == "measured" else ""
+        busy = "-" if not u.measured else f"{u.cpu_measured:.2f}"
+        labels = "\n".join(f"{k}={v}" for k, v in inv.host(u.host).labels.items()) or "-"
+        links = f"up {_link_text(inv.link(up))}\ndown {_link_text(inv.link(down))}"
+        table.add_row(u.host, state, vms, memory, _size(u.reserve_memory),
+                      _size(u.memory_free), cpus, busy, labels, links)
+        if u.error:
+            err.print(f"{u.host}: not measured: {u.error}")
+    if measured_mark:
+        notes.insert(0, "* measured on the host (the inventory does not declare it)")
+    out.print(table)
+    for note in notes:
+        out.print(note)

@@ -65,11 +65,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vmigrate import validate
 from vmigrate.errors import ConfigError
 from vmigrate.plan.assessment import MODES, Assessment, Mode, ModePrediction
 
@@ -184,7 +184,7 @@ class Tier(_Frozen):
         return tuple(dict.fromkeys(value))
 
     def matches(self, vm: str) -> bool:
-        return any(fnmatchcase(vm, glob) for glob in self.vms)
+        return validate.name_matches(vm, self.vms)
 
 
 def _builtin_tiers() -> dict[str, Tier]:

@@ -1,5 +1,12 @@
 """Durable controller state in SQLite."""
 
-from vmigrate.store.db import RUNNING, JobRecord, Store, VmRecord
+from vmigrate.store.db import (
+    HOST_STATES,
+    RUNNING,
+    HostStateRecord,
+    JobRecord,
+    Store,
+    VmRecord,
+)
 
-__all__ = ["RUNNING", "JobRecord", "Store", "VmRecord"]
+__all__ = ["HOST_STATES", "RUNNING", "HostStateRecord", "JobRecord", "Store", "VmRecord"]

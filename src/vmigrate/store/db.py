@@ -1,8 +1,12 @@
-"""The SQLite store: VM definitions, migration jobs, assessments.
+"""The SQLite store: VM definitions, migration jobs, assessments, host states.
 
 The database starts with a ``meta`` row holding a magic string and a schema
 version; a database of an unknown version is refused (:class:`StoreError`)
 rather than guessed at. Every write is its own transaction.
+
+Version 6 added the host states an operator sets at run time (``host_states``). An
+older store is upgraded in place when opened (tables and columns are only ever added);
+a vmigrate that knows an older version refuses a newer store.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from vmigrate import validate
 from vmigrate.errors import ConflictError, NotFoundError, StoreError, UserError
 
 MAGIC = "vmigrate-store"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: versions this code upgrades in place (each only adds tables or columns)
-_UPGRADABLE = {"1", "2", "3", "4"}
+_UPGRADABLE = {"1", "2", "3", "4", "5"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,6 +68,12 @@ CREATE TABLE IF NOT EXISTS assessments (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS assessments_vm ON assessments (vm, at);
+CREATE TABLE IF NOT EXISTS host_states (
+    host TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 #: job statuses; RUNNING is active (a controller drives it); RUNNING and
@@ -120,6 +131,29 @@ class VmRecord:
     host: str
     spec_json: str
     created_at: float
+
+
+#: the states a host can be in (the inventory's ``state`` field takes the same)
+HOST_STATES = ("active", "draining", "maintenance")
+#: the longest reason kept with a host state
+MAX_REASON = 500
+
+
+@dataclass(frozen=True)
+class HostStateRecord:
+    """A host's state: set at run time by an operator (``source`` "store"), or the
+    inventory's declared one (``source`` "inventory", ``since`` None)."""
+
+    host: str
+    state: str
+    #: when the operator set it (seconds since the epoch); None for the inventory's
+    since: float | None
+    reason: str
+    source: Literal["store", "inventory"] = "store"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "state": self.state, "since": self.since,
+                "reason": self.reason, "source": self.source}
 
 
 #: SQLite's companions of the database file (WAL mode)
@@ -423,6 +457,66 @@ class Store:
             json.loads(report) if report else None, error, pid, bool(cancel), created, updated,
             state,
         )
+
+    # -- host states -------------------------------------------------------------------
+
+    def set_host_state(self, host: str, state: str, reason: str = "", *,
+                       since: float | None = None) -> HostStateRecord:
+        """Keep ``state`` as host ``host``'s state, overriding the inventory's declared
+        one (``vmigrate host maintenance`` / ``host activate``), with when (``since``,
+        default now) and why. Replaces an earlier one. :class:`UserError` for a state
+        that is not one of :data:`HOST_STATES`, a host that is not a name or a reason
+        that is not printable text of at most 500 characters; nothing is written then.
+        Whether the host is in the inventory is the caller's to check."""
+        if state not in HOST_STATES:
+            raise UserError(f"not a host state: {str(state)[:40]!r} (one of "
+                            f"{', '.join(HOST_STATES)})")
+        try:
+            validate.check_name(host, "host name")
+            validate.check_text(reason, "a reason", limit=MAX_REASON)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        at = time.time() if since is None else since
+        with self._tx() as db:
+            db.execute("INSERT INTO host_states (host, state, since, reason) VALUES "
+                       "(?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET state=excluded.state, "
+                       "since=excluded.since, reason=excluded.reason",
+                       (host, state, at, reason))
+        return HostStateRecord(host, state, at, reason)
+
+    def clear_host_state(self, host: str) -> bool:
+        """Forget the state set at run time for ``host``: the inventory's applies again.
+        Whether there was one."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM host_states WHERE host=?", (host,))
+        return cur.rowcount > 0
+
+    def get_host_state(self, host: str) -> HostStateRecord | None:
+        """The state set at run time for ``host``, or None (the inventory's applies)."""
+        row = self._db.execute("SELECT host, state, since, reason FROM host_states "
+                               "WHERE host=?", (host,)).fetchone()
+        return None if row is None else self._host_state(row)
+
+    def list_host_states(self) -> dict[str, HostStateRecord]:
+        """Every state set at run time, by host."""
+        rows = self._db.execute(
+            "SELECT host, state, since, reason FROM host_states ORDER BY host").fetchall()
+        return {r[0]: self._host_state(r) for r in rows}
+
+    def effective_host_state(self, host: str, declared: str) -> HostStateRecord:
+        """Host ``host``'s state: the one set at run time, else ``declared`` (the
+        inventory's, :meth:`vmigrate.config.Inventory.declared_state`)."""
+        stored = self.get_host_state(host)
+        if stored is not None:
+            return stored
+        return HostStateRecord(host, declared, None, "", source="inventory")
+
+    def _host_state(self, row: tuple[Any, ...]) -> HostStateRecord:
+        host, state, since, reason = row
+        if state not in HOST_STATES:
+            raise StoreError(f"{self.path}: host {host}: stored state {str(state)[:40]!r} "
+                             "is not one")
+        return HostStateRecord(host, state, float(since), reason)
 
     # -- assessments -------------------------------------------------------------------
 
