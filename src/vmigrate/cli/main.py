@@ -11,7 +11,18 @@ import typer
 from rich.text import Text
 
 from vmigrate import __version__
-from vmigrate.cli import audit, certs, host, lab, migrate, plan, transfer, transfer_ends, vm
+from vmigrate.cli import (
+    audit,
+    certs,
+    host,
+    lab,
+    migrate,
+    plan,
+    transfer,
+    transfer_ends,
+    vm,
+    wave,
+)
 from vmigrate.cli._common import CTX, err
 from vmigrate.errors import VmigrateError
 
@@ -30,6 +41,7 @@ app.add_typer(migrate.job_app, name="job")
 app.add_typer(certs.app, name="certs")
 app.add_typer(audit.app, name="audit")
 app.add_typer(host.app, name="host")
+app.add_typer(wave.app, name="wave")
 app.command("assess")(plan.assess)
 app.command("plan")(plan.plan)
 app.command("migrate")(migrate.migrate)

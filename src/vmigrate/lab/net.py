@@ -44,6 +44,7 @@ from vmigrate.config import (
     HostConfig,
     Inventory,
     LabConfig,
+    LinkConfig,
     dump_inventory,
     load_inventory,
     parse_inventory,
@@ -100,6 +101,9 @@ __all__ = [
 LOCK_PATH = Path("/run/lock/vmigrate-lab.lock")
 _TOOLS = ("ip", "tc", "ssh-keygen")
 
+
+#: the share of each lab link's rate a wave's migrations may use ([links.X] budget)
+LAB_LINK_BUDGET = 0.8
 
 @dataclass(frozen=True)
 class LabSpec:
@@ -527,8 +531,17 @@ class _Builder:
         }
         lab = LabConfig(name=p.name, dir=self.dir, vm_network=p.vm_network,
                         probe_netns=p.probe_netns, gateway=None)
+        # each host's migration link, as shaped: its uplink and downlink with the rate
+        # tc was given; migrations may use LAB_LINK_BUDGET of each (the rest leaves room
+        # for the tenant-traffic generator)
+        links = {}
+        for hp in p.hosts:
+            up, down = self.state.link_rates(hp.host)
+            for name, rate in ((f"{hp.host}-up", up), (f"{hp.host}-down", down)):
+                links[name] = LinkConfig(capacity=f"{parse_rate(rate)}bit",
+                                         budget=LAB_LINK_BUDGET)
         path = self.home / CONFIG_NAME
-        text = dump_inventory(Inventory(hosts=hosts, lab=lab))
+        text = dump_inventory(Inventory(hosts=hosts, lab=lab, links=links))
         inventory = parse_inventory(text, str(path)).model_copy(update={"path": path})
         self.record(Resource("inventory", path=str(path)))
         atomic_write(path, text)

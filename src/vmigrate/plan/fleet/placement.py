@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,15 +164,19 @@ def _affinity_home(fleet: Fleet, plan: _Plan, unit: Sequence[Vm]) -> tuple[str |
     return homes[0], ""
 
 
-def plan_evacuation(fleet: Fleet, host: str, estimator: Estimator) -> Placement:
+def plan_evacuation(fleet: Fleet, host: str, estimator: Estimator,
+                    only: Collection[str] | None = None) -> Placement:
     """Moves that empty ``host`` (see the module doc). A VM that fits nowhere is in
-    ``unplaceable`` with every host's reason; the others' moves are planned anyway."""
+    ``unplaceable`` with every host's reason; the others' moves are planned anyway.
+    ``only``: move just these of its VMs (with the rest of their group or affinity
+    unit, which moves together), leaving the others where they are."""
     src = fleet.host(host)
     plan = _Plan(fleet)
     moves: list[Move] = []
     unplaceable: list[tuple[str, str]] = []
     why: dict[str, str] = {}
-    todo = sorted(_units(fleet.vms_on(src.name)),
+    todo = sorted((u for u in _units(fleet.vms_on(src.name))
+                   if only is None or any(v.name in only for v in u)),
                   key=lambda u: (-sum(v.memory for v in u), u[0].name))
     others = [h for h in sorted(fleet.hosts, key=lambda h: h.name) if h.name != src.name]
     for unit in todo:
