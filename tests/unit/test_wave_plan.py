@@ -175,3 +175,32 @@ def test_the_cli_prints_json_and_changes_nothing(tmp_path: Path) -> None:
 
     assert isinstance(bad.exception, VmigrateError) and bad.exception.exit_code == 2
     assert (tmp_path / "vmigrate.db").read_bytes() == before
+
+
+def test_host_activate_puts_a_host_back_and_audits_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vmigrate.audit import verify
+    from vmigrate.cli._common import CTX
+    from vmigrate.cli.main import app
+
+    (tmp_path / "vmigrate.toml").write_text(INVENTORY.replace(
+        '[hosts.h3]\n', '[hosts.h3]\nstate = "maintenance"\n'))
+    saved = CTX.config
+    try:
+        res = CliRunner().invoke(app, ["--config", str(tmp_path / "vmigrate.toml"), "host",
+                                       "activate", "h3", "--reason", "firmware done",
+                                       "--json"], env={"VMIGRATE_HOME": str(tmp_path)})
+    finally:
+        CTX.config = saved
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["was"] == "maintenance"
+    store = Store(tmp_path / "vmigrate.db")
+    try:
+        rec = store.effective_host_state("h3", "maintenance")
+    finally:
+        store.close()
+    assert (rec.state, rec.source, rec.reason) == ("active", "store", "firmware done")
+    log = (tmp_path / "audit.jsonl").read_text()
+    assert '"host.state"' in log and "firmware done" in log
+    assert verify(tmp_path / "audit.jsonl").ok

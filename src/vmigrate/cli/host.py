@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from vmigrate.audit import AuditLog
 from vmigrate.cli._common import CTX, err, out, print_json, run
-from vmigrate.config import Inventory, Link
+from vmigrate.config import Inventory, Link, state_home
 from vmigrate.errors import UserError
 from vmigrate.hosts import (
     fetch_host_key,
@@ -222,3 +223,36 @@ def list_(
     out.print(table)
     for note in notes:
         out.print(note)
+
+
+@app.command()
+def activate(
+    host: Annotated[str, typer.Argument(help="The inventory host to put back in service.",
+                                        metavar="HOST", show_default=False)],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the record (kept in "
+                                        "the store and the audit log).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Put HOST back in service: 'active', so waves and evacuations place VMs on it again.
+
+    The state is kept in the store and wins over the inventory's declared state (a host
+    declared 'maintenance' in vmigrate.toml is active after this, until 'vmigrate host
+    maintenance' or the store's entry is changed). Written to the audit log. Exit status
+    0, or 2 for an unknown host.
+    """
+    inv = CTX.inventory()
+    inv.host(host)  # an unknown host: exit 2 before anything is written
+    store = CTX.store()
+    try:
+        before = store.effective_host_state(host, inv.declared_state(host))
+        rec = store.set_host_state(host, "active", reason)
+    finally:
+        store.close()
+    AuditLog(state_home() / "audit.jsonl").append(
+        "host.state", {"host": host, "state": "active", "was": before.state,
+                       "reason": reason})
+    if as_json:
+        print_json({"host": host, "state": rec.state, "was": before.state,
+                    "since": rec.since, "reason": rec.reason})
+        return
+    out.print(f"{host}: active (was {before.state})")
