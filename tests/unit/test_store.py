@@ -193,5 +193,5 @@ def test_upgrades_version_5_with_host_states(tmp_path: Path) -> None:
     assert store.get_host_state("h1") is not None
     store.close()
     db = sqlite3.connect(tmp_path / "db")
-    assert db.execute("SELECT value FROM meta WHERE key='version'").fetchone() == ("6",)
+    assert db.execute("SELECT value FROM meta WHERE key='version'").fetchone() == ("7",)
     db.close()

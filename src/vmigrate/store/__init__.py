@@ -7,6 +7,10 @@ from vmigrate.store.db import (
     JobRecord,
     Store,
     VmRecord,
+    WaveMoveRecord,
+    WaveMoveSpec,
+    WaveRecord,
 )
 
-__all__ = ["HOST_STATES", "RUNNING", "HostStateRecord", "JobRecord", "Store", "VmRecord"]
+__all__ = ["HOST_STATES", "RUNNING", "HostStateRecord", "JobRecord", "Store", "VmRecord",
+           "WaveMoveRecord", "WaveMoveSpec", "WaveRecord"]

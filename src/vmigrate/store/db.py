@@ -4,9 +4,11 @@ The database starts with a ``meta`` row holding a magic string and a schema
 version; a database of an unknown version is refused (:class:`StoreError`)
 rather than guessed at. Every write is its own transaction.
 
-Version 6 added the host states an operator sets at run time (``host_states``). An
-older store is upgraded in place when opened (tables and columns are only ever added);
-a vmigrate that knows an older version refuses a newer store.
+Version 6 added the host states an operator sets at run time (``host_states``); version 7
+the waves of migrations the fleet orchestrator runs (``waves``, ``wave_moves``: see
+:mod:`vmigrate.fleet`). An older store is upgraded in place when opened (tables and
+columns are only ever added); a vmigrate that knows an older version refuses a newer
+store.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from vmigrate import validate
 from vmigrate.errors import ConflictError, NotFoundError, StoreError, UserError
 
 MAGIC = "vmigrate-store"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: versions this code upgrades in place (each only adds tables or columns)
-_UPGRADABLE = {"1", "2", "3", "4", "5"}
+_UPGRADABLE = {"1", "2", "3", "4", "5", "6"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +75,45 @@ CREATE TABLE IF NOT EXISTS host_states (
     state TEXT NOT NULL,
     since REAL NOT NULL,
     reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS waves (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    kind TEXT NOT NULL,
+    host TEXT,
+    state TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    options TEXT NOT NULL,
+    eta_s REAL,
+    controller_pid INTEGER,
+    started REAL,
+    ended REAL,
+    report TEXT,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS wave_moves (
+    wave INTEGER NOT NULL REFERENCES waves (id),
+    vm TEXT NOT NULL,
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    plan_start_s REAL NOT NULL,
+    plan_end_s REAL NOT NULL,
+    bandwidth INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    job TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    started REAL,
+    ended REAL,
+    predicted_time_s REAL,
+    predicted_downtime_ms REAL,
+    predicted_bytes INTEGER,
+    time_s REAL,
+    downtime_ms REAL,
+    bytes INTEGER,
+    PRIMARY KEY (wave, vm)
 );
 """
 
@@ -179,6 +220,92 @@ def _tighten(path: Path) -> None:
             st = p.stat()
             if st.st_mode & 0o077 and st.st_uid == os.geteuid():
                 p.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+
+
+#: the states of a wave and of one of its moves (see :mod:`vmigrate.fleet`)
+WAVE_KINDS = ("plan", "evacuate", "rebalance")
+WAVE_STATES = ("planned", "running", "done", "failed", "cancelled")
+MOVE_STATES = ("pending", "running", "done", "failed", "skipped")
+
+
+@dataclass(frozen=True)
+class WaveRecord:
+    """A wave of migrations: its plan (a schedule as JSON, and its moves) and its state."""
+
+    id: int
+    created: float
+    kind: str
+    #: the host an evacuation empties (None for other kinds)
+    host: str | None
+    state: str
+    #: ``{"schedule": Schedule.to_json(), ...}`` as given to :meth:`Store.create_wave`
+    plan: dict[str, Any]
+    #: the :class:`~vmigrate.service.migrations.MigrationRequest` fields every move shares
+    options: dict[str, Any]
+    #: the wave's ETA in seconds: predicted at planning, updated from what is measured
+    eta_s: float | None
+    #: the process that runs (or last ran) the wave
+    controller_pid: int | None
+    started: float | None
+    ended: float | None
+    report: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class WaveMoveSpec:
+    """One move of a new wave, as planned."""
+
+    vm: str
+    src: str
+    dst: str
+    mode: str
+    #: its start and end in the schedule (seconds from the wave's start)
+    plan_start_s: float
+    plan_end_s: float
+    #: the bandwidth cap it runs with (bytes/s)
+    bandwidth: int
+    predicted_time_s: float | None = None
+    predicted_downtime_ms: float | None = None
+    predicted_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class WaveMoveRecord:
+    """One move of a wave: the plan's figures, its state, its job and what it measured."""
+
+    wave: int
+    vm: str
+    src: str
+    dst: str
+    mode: str
+    #: its place in the schedule's start order (0 first)
+    order: int
+    plan_start_s: float
+    plan_end_s: float
+    bandwidth: int
+    state: str
+    #: the migration job of its last attempt (None until that job exists)
+    job: str | None
+    attempts: int
+    error: str | None
+    started: float | None
+    ended: float | None
+    predicted_time_s: float | None
+    predicted_downtime_ms: float | None
+    predicted_bytes: int | None
+    time_s: float | None
+    downtime_ms: float | None
+    bytes: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+_WAVE_COLS = ("id, created, kind, host, state, plan, options, eta_s, controller_pid, started, "
+              "ended, report")
+_MOVE_COLS = ("wave, vm, src, dst, mode, ord, plan_start_s, plan_end_s, bandwidth, state, job, "
+              "attempts, error, started, ended, predicted_time_s, predicted_downtime_ms, "
+              "predicted_bytes, time_s, downtime_ms, bytes")
 
 
 class Store:
@@ -547,3 +674,152 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         rows = self._db.execute(sql + " ORDER BY at, id", args).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    # -- waves -------------------------------------------------------------------------
+
+    def create_wave(self, kind: str, plan: dict[str, Any], moves: list[WaveMoveSpec], *,
+                    host: str | None = None, eta_s: float | None = None,
+                    options: dict[str, Any] | None = None) -> WaveRecord:
+        """Keep a new wave in state ``planned`` with its moves ``pending``, in the order
+        given (the schedule's start order), in one transaction. :class:`UserError` for
+        an unknown kind, no moves or a VM named twice; nothing is written then."""
+        if kind not in WAVE_KINDS:
+            raise UserError(f"not a wave kind: {kind!r} (one of {', '.join(WAVE_KINDS)})")
+        if not moves:
+            raise UserError("a wave needs at least one move")
+        if len({m.vm for m in moves}) != len(moves):
+            raise UserError("a wave moves each VM once")
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO waves (created, kind, host, state, plan, options, eta_s, updated) "
+                "VALUES (?, ?, ?, 'planned', ?, ?, ?, ?)",
+                (now, kind, host, json.dumps(plan), json.dumps(options or {}), eta_s, now))
+            wave = int(cur.lastrowid or 0)
+            for order, m in enumerate(moves):
+                db.execute(
+                    f"INSERT INTO wave_moves ({_MOVE_COLS}) VALUES "
+                    f"({','.join('?' * 21)})",
+                    (wave, m.vm, m.src, m.dst, m.mode, order, m.plan_start_s, m.plan_end_s,
+                     int(m.bandwidth), "pending", None, 0, None, None, None,
+                     m.predicted_time_s, m.predicted_downtime_ms, m.predicted_bytes, None,
+                     None, None))
+        return self.get_wave(wave)
+
+    def get_wave(self, wave: int) -> WaveRecord:
+        row = self._db.execute(f"SELECT {_WAVE_COLS} FROM waves WHERE id=?",
+                               (wave,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no wave {wave} (see 'vmigrate wave list')")
+        return self._wave(row)
+
+    def list_waves(self) -> list[WaveRecord]:
+        rows = self._db.execute(f"SELECT {_WAVE_COLS} FROM waves ORDER BY id").fetchall()
+        return [self._wave(r) for r in rows]
+
+    def wave_moves(self, wave: int) -> list[WaveMoveRecord]:
+        """The wave's moves in the schedule's start order."""
+        rows = self._db.execute(f"SELECT {_MOVE_COLS} FROM wave_moves WHERE wave=? ORDER BY ord",
+                                (wave,)).fetchall()
+        return [WaveMoveRecord(*r) for r in rows]
+
+    def wave_move(self, wave: int, vm: str) -> WaveMoveRecord:
+        row = self._db.execute(f"SELECT {_MOVE_COLS} FROM wave_moves WHERE wave=? AND vm=?",
+                               (wave, vm)).fetchone()
+        if row is None:
+            raise NotFoundError(f"wave {wave} does not move {vm!r}")
+        return WaveMoveRecord(*row)
+
+    def set_wave_state(self, wave: int, state: str, *, pid: int | None = None,
+                       eta_s: float | None = None, report: dict[str, Any] | None = None
+                       ) -> None:
+        """The wave's state (``running`` also sets ``started`` once and the controller's
+        ``pid``; an end state sets ``ended``); ``eta_s`` and ``report`` when given."""
+        if state not in WAVE_STATES:
+            raise ValueError(f"not a wave state: {state}")
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE waves SET state=?, controller_pid=COALESCE(?, controller_pid), "
+                "started=CASE WHEN ?='running' THEN COALESCE(started, ?) ELSE started END, "
+                "ended=CASE WHEN ? IN ('done', 'failed', 'cancelled') THEN ? ELSE NULL END, "
+                "eta_s=COALESCE(?, eta_s), report=COALESCE(?, report), updated=? WHERE id=?",
+                (state, pid, state, now, state, now, eta_s,
+                 json.dumps(report) if report is not None else None, now, wave))
+
+    def claim_wave(self, wave: int, pid: int, *, state: str, controller_pid: int | None
+                   ) -> bool:
+        """Take the wave to run it (``running``, by ``pid``), if it is still in ``state``
+        run by ``controller_pid`` (compare and swap: of two controllers that try at
+        once, one gets it). False (nothing written) otherwise."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE waves SET state='running', controller_pid=?, "
+                "started=COALESCE(started, ?), ended=NULL, updated=? "
+                "WHERE id=? AND state=? AND controller_pid IS ?",
+                (pid, now, now, wave, state, controller_pid))
+        return cur.rowcount == 1
+
+    def set_wave_eta(self, wave: int, eta_s: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE waves SET eta_s=?, updated=? WHERE id=?",
+                       (eta_s, time.time(), wave))
+
+    def claim_move(self, wave: int, vm: str) -> bool:
+        """Write-ahead, before a migration of the move starts: ``pending`` -> ``running``,
+        one more attempt, no job yet, ``started`` now. False (nothing written) when the
+        move was not pending."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE wave_moves SET state='running', attempts=attempts+1, job=NULL, "
+                "error=NULL, started=?, ended=NULL WHERE wave=? AND vm=? AND state='pending'",
+                (time.time(), wave, vm))
+        return cur.rowcount == 1
+
+    def set_move_job(self, wave: int, vm: str, job: str) -> None:
+        """The job of the move's running attempt (called as soon as the job exists)."""
+        with self._tx() as db:
+            db.execute("UPDATE wave_moves SET job=? WHERE wave=? AND vm=? AND state='running'",
+                       (job, wave, vm))
+
+    def end_move(self, wave: int, vm: str, state: str, *, error: str | None = None,
+                 job: str | None = None, time_s: float | None = None,
+                 downtime_ms: float | None = None, bytes_moved: int | None = None) -> None:
+        """The move's state after an attempt: ``pending`` again (to retry it), or an end
+        state (``ended`` now); the error and measured figures when given (kept
+        otherwise)."""
+        if state not in MOVE_STATES or state == "running":
+            raise ValueError(f"not a state a move ends an attempt in: {state}")
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE wave_moves SET state=?, error=?, job=COALESCE(?, job), "
+                "ended=CASE WHEN ?='pending' THEN NULL ELSE ? END, "
+                "time_s=COALESCE(?, time_s), downtime_ms=COALESCE(?, downtime_ms), "
+                "bytes=COALESCE(?, bytes) WHERE wave=? AND vm=?",
+                (state, error, job, state, now, time_s, downtime_ms, bytes_moved, wave, vm))
+
+    def note_move(self, wave: int, vm: str, error: str) -> None:
+        """Keep why a move waits (e.g. its job needs an operator); its state stays."""
+        with self._tx() as db:
+            db.execute("UPDATE wave_moves SET error=? WHERE wave=? AND vm=?",
+                       (error, wave, vm))
+
+    def retry_failed_moves(self, wave: int) -> list[str]:
+        """``failed`` moves -> ``pending`` with their attempts reset (a wave resumed
+        after an operator fixed what failed); the VMs."""
+        with self._tx() as db:
+            rows = db.execute("SELECT vm FROM wave_moves WHERE wave=? AND state='failed' "
+                              "ORDER BY ord", (wave,)).fetchall()
+            db.execute("UPDATE wave_moves SET state='pending', attempts=0, ended=NULL "
+                       "WHERE wave=? AND state='failed'", (wave,))
+        return [r[0] for r in rows]
+
+    @staticmethod
+    def _wave(row: tuple[Any, ...]) -> WaveRecord:
+        (wid, created, kind, host, state, plan, options, eta, pid, started, ended,
+         report) = row
+        return WaveRecord(int(wid), created, kind, host, state, json.loads(plan),
+                          json.loads(options), eta, pid, started, ended,
+                          json.loads(report) if report else None)
