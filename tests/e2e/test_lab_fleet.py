@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmigrate.lab import _sys, links, net
 from vmigrate.lab.net import LabSpec
-from vmigrate.lab.traffic import LinkSampler, TenantTraffic
+from vmigrate.lab.traffic import LinkKey, LinkSampler, TenantTraffic
 
 pytestmark = [
     pytest.mark.lab,
@@ -112,3 +113,151 @@ def test_rate_change_takes_effect(fleet_lab: tuple[Path, str]) -> None:
           f"wire h1 down {sampler.total('h1', 'down').rate / MBIT:.1f} mbit/s")
     assert result.rate == pytest.approx(20 * MBIT, rel=0.15)
     assert sampler.max_over({("h1", "down"): 20 * MBIT}, allowance=0.15) == {}
+
+
+def test_wave_plan_on_the_lab(fleet_lab: tuple[Path, str]) -> None:
+    """``wave plan --evacuate h1`` on real hosts: capacities measured over SSH, the
+    lab's links from its inventory, three guests spread over h2 and h3 within the
+    links' budgets, nothing changed (the guests still run on h1)."""
+    home, _name = fleet_lab
+    names = ["w1", "w2", "w3"]
+    try:
+        for vm in names:
+            res = cli(home, "vm", "create", vm, "--host", "h1", "--memory", "128M",
+                      "--workload", "idle")
+            assert res.returncode == 0, res.stderr
+        res = cli(home, "host", "list", "--json")
+        assert res.returncode == 0, res.stderr
+        hosts = {h["host"]: h for h in json.loads(res.stdout)}
+        assert hosts["h1"]["measured"] and len(hosts["h1"]["vms"]) == 3
+        res = cli(home, "wave", "plan", "--evacuate", "h1", "--json")
+        assert res.returncode == 0, res.stderr
+        plan = json.loads(res.stdout)
+        moves = {m["vm"]: m["dst"] for m in plan["placement"]["moves"]}
+        assert set(moves) == set(names) and set(moves.values()) == {"h2", "h3"}, moves
+        sched = plan["schedule"]
+        assert sched["makespan_s"] > 0
+        assert plan["sequential_makespan_s"] >= sched["makespan_s"] - 1e-6
+        # within h2's and h3's downlink budgets (100 mbit x 0.8) at every step
+        for link in ("h2-down", "h3-down"):
+            for _t, rate in sched["links"][link]:
+                assert rate <= 100 * MBIT * 0.8 * 1.0001, (link, rate)
+        res = cli(home, "vm", "list", "--json")
+        assert res.returncode == 0, res.stderr
+        assert {v["name"]: v["host"] for v in json.loads(res.stdout)} == dict.fromkeys(
+            names, "h1")
+    finally:
+        for vm in names:
+            cli(home, "vm", "destroy", vm)
+
+
+def _guest(home: Path, vm: str, memory: str, workload: str, host: str = "h1") -> None:
+    res = cli(home, "vm", "create", vm, "--host", host, "--memory", memory, "--workload",
+              workload)
+    assert res.returncode == 0, res.stderr
+
+
+def _hosts_of(home: Path) -> dict[str, str]:
+    res = cli(home, "vm", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    return {v["name"]: v["host"] for v in json.loads(res.stdout)}
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_host_maintenance_evacuates_within_budgets_and_resumes(
+        fleet_lab: tuple[Path, str]) -> None:
+    """Six guests on h1 (idle and dirtying memory), and one too big for h2 or h3:
+    'host maintenance h1' moves the six to h2 and h3 (spread, verified), keeps every
+    link within its budget (counters at 4 Hz, 1 s averages within budget + 5 %), names
+    the big one, exits 10 and leaves h1 draining. Without it, h1 goes to maintenance.
+    Then a wave back to h1 is SIGKILLed after its first migration started, and 'wave
+    resume' finishes it: every VM moved exactly once."""
+    home, name = fleet_lab
+    for h in ("h2", "h3"):  # another test may have reshaped them
+        links.set_link_rate(home, h, "100mbit", name, "down")
+    inv_path = home / "vmigrate.toml"
+    text = inv_path.read_text()
+    # h2 and h3 declare 1.5 GiB: the six fit, a 1600 MiB guest fits on neither
+    for h in ("h2", "h3"):
+        text = text.replace(f"[hosts.{h}]\n", f'[hosts.{h}]\nmemory = "1536M"\n', 1)
+    inv_path.write_text(text)
+    six = [f"e{i}" for i in range(1, 7)]
+    made: list[str] = []
+    try:
+        for i, vm in enumerate(six):
+            _guest(home, vm, "128M", "idle" if i % 2 else "memtouch:wss=16M,rate=500")
+            made.append(vm)
+        _guest(home, "big", "1600M", "idle")
+        made.append("big")
+        time.sleep(20)  # let them boot before they move
+        budgets: dict[LinkKey, float] = {("h1", "up"): 1000 * MBIT * 0.8,
+                                         ("h2", "down"): 100 * MBIT * 0.8,
+                                         ("h3", "down"): 100 * MBIT * 0.8}
+        with LinkSampler(home, ["h1", "h2", "h3"], name) as sampler:
+            res = cli_long(home, "host", "maintenance", "h1", "--json")
+        assert res.returncode == 10, (res.returncode, res.stderr[-2000:])
+        events = _json_lines(res.stdout)
+        report = next(e for e in events if e.get("event") == "report")
+        assert [u["vm"] for u in report["unplaceable"]] == ["big"], report
+        assert {m["vm"]: m["state"] for m in report["moves"]} == dict.fromkeys(
+            six, "done"), report
+        where = _hosts_of(home)
+        assert {where[vm] for vm in six} == {"h2", "h3"} and where["big"] == "h1", where
+        assert sampler.max_gap < 1.0
+        over = sampler.max_over(budgets, allowance=0.05)
+        print(f"\nevacuation of six: wave {report['wave']} in {report['elapsed_s']:.1f} s "
+              f"(planned {report['planned_eta_s']:.1f} s); busiest 1 s: "
+              + ", ".join(f"{h} {d} {sampler.peak(h, d) / MBIT:.1f} mbit/s"
+                          for h, d in budgets))
+        assert over == {}, over
+        state = json.loads(cli(home, "host", "list", "h1", "--no-measure", "--json").stdout)
+        assert state[0]["state"]["state"] == "draining"
+
+        assert cli(home, "vm", "destroy", "big").returncode == 0
+        made.remove("big")
+        res = cli_long(home, "host", "maintenance", "h1", "--json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        state = json.loads(cli(home, "host", "list", "h1", "--no-measure", "--json").stdout)
+        assert state[0]["state"]["state"] == "maintenance" and state[0]["vms"] == []
+
+        # back to h1, killed mid-wave, resumed
+        assert cli(home, "host", "activate", "h1").returncode == 0
+        plan = home / "back.toml"
+        plan.write_text("".join(f'[[move]]\nvm = "{vm}"\nto = "h1"\n\n' for vm in six))
+        env = dict(os.environ, VMIGRATE_HOME=str(home))
+        env.pop("VMIGRATE_CONFIG", None)
+        proc = subprocess.Popen([sys.executable, "-m", "vmigrate.cli.main", "wave", "run",
+                                 str(plan), "--json"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        wave = None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                ev = json.loads(line) if line.startswith("{") else {}
+                wave = ev.get("wave", wave)
+                if ev.get("event") == "move" and ev.get("state") == "started":
+                    break
+        finally:
+            proc.kill()  # SIGKILL, by the PID we started
+            proc.wait()
+        assert wave is not None
+        res = cli_long(home, "wave", "resume", str(wave), "--json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert set(_hosts_of(home).values()) == {"h1"}
+        jobs = json.loads(cli(home, "job", "list", "--json").stdout)
+        back = [j for j in jobs if j["dest"] == "h1" and j["status"] == "completed"]
+        assert sorted(j["vm"] for j in back) == sorted(six), back
+    finally:
+        for vm in made:
+            cli(home, "vm", "destroy", vm)
+        cli(home, "host", "activate", "h1")
+
+
+def cli_long(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, VMIGRATE_HOME=str(home))
+    env.pop("VMIGRATE_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "vmigrate.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=900, check=False)

@@ -11,6 +11,13 @@ from rich.table import Table
 
 from vmigrate.audit import AuditLog
 from vmigrate.cli._common import CTX, err, out, print_json, run
+from vmigrate.cli.wave import (
+    EXIT_INCOMPLETE,
+    render_plan,
+    run_stored_wave,
+    show_report,
+    start_wave,
+)
 from vmigrate.config import Inventory, Link, state_home
 from vmigrate.errors import UserError
 from vmigrate.hosts import (
@@ -21,6 +28,7 @@ from vmigrate.hosts import (
     record_host_key,
 )
 from vmigrate.service.capacity import HostUsage, fleet_usage
+from vmigrate.service.fleet import plan_wave
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -256,3 +264,83 @@ def activate(
                     "since": rec.since, "reason": rec.reason})
         return
     out.print(f"{host}: active (was {before.state})")
+
+
+@app.command()
+def maintenance(
+    host: Annotated[str, typer.Argument(help="The inventory host to empty and take out of "
+                                        "service.", metavar="HOST", show_default=False)],
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the evacuation plan ('wave plan --evacuate HOST') and "
+        "change nothing.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the record (kept in "
+                                        "the store and the audit log).")] = "",
+    retries: Annotated[int, typer.Option("--retries", min=0, max=10, help="Attempts after "
+                                         "the first for a migration that fails.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Events and the report as JSON "
+                                          "lines (with --dry-run: the plan).")] = False,
+) -> None:
+    """Empty HOST and put it in maintenance, now, without asking.
+
+    \b
+    1. HOST is marked 'draining': no wave places VMs on it from now on.
+    2. Every VM vmigrate manages on it is moved by an evacuation wave ('vmigrate wave
+       run --evacuate HOST'): destinations by capacity and topology, spread over the
+       active hosts, each VM by its tier's rules, the links within their budgets.
+    3. Once the store has no VM left on HOST it is marked 'maintenance'. If one could
+       not move, HOST stays 'draining' and the VMs left are named.
+
+    The wave is kept in the store: if this process dies, 'vmigrate wave resume ID' goes
+    on, and running 'host maintenance HOST' again plans the VMs still there. 'vmigrate
+    host activate HOST' puts it back in service. Exit status 0 when HOST is empty and in
+    maintenance; 10 when VMs are left on it (named); 2 for an unknown host.
+    """
+    inv = CTX.inventory()
+    inv.host(host)  # an unknown host: exit 2 before anything is written
+    store = CTX.store()
+    audit = AuditLog(state_home() / "audit.jsonl")
+    report: dict[str, Any] | None = None
+    unplaceable: list[tuple[str, str]] = []
+    try:
+        if dry_run:
+            plan = run(plan_wave(inv, store, evacuate=host))
+            if as_json:
+                print_json({**plan.to_json(), "dry_run": True})
+            else:
+                render_plan(plan, plan.baseline("sequential").makespan_s
+                            if plan.placement.moves else None)
+            return
+        before = store.effective_host_state(host, inv.declared_state(host))
+        store.set_host_state(host, "draining", reason)
+        audit.append("host.state", {"host": host, "state": "draining", "was": before.state,
+                                    "reason": reason})
+        if not as_json:
+            err.print(f"{host}: draining (was {before.state})", highlight=False)
+        plan = run(plan_wave(inv, store, evacuate=host))
+        unplaceable = list(plan.placement.unplaceable) + list(plan.schedule.refused)
+        if plan.schedule.entries:
+            wave = start_wave(plan, store, {})
+            if not as_json:
+                err.print(f"wave {wave}: {len(plan.schedule.entries)} migration(s) "
+                          f"(resume with 'vmigrate wave resume {wave}')", highlight=False)
+            report = run_stored_wave(inv, store, wave, resume=False, as_json=as_json,
+                                     retries=retries)
+        left = sorted(v.name for v in store.list_vms() if v.host == host)
+        if not left:
+            store.set_host_state(host, "maintenance", reason)
+            audit.append("host.state", {"host": host, "state": "maintenance",
+                                        "was": "draining", "reason": reason})
+    finally:
+        store.close()
+    if report is not None:
+        show_report(report, unplaceable, as_json)  # the host's own state decides below
+    if left:
+        err.print(f"{host} stays draining: {len(left)} VM(s) still on it: "
+                  f"{', '.join(left)}", highlight=False)
+        if as_json:
+            print_json({"event": "host", "host": host, "state": "draining", "left": left})
+        raise typer.Exit(EXIT_INCOMPLETE)
+    if as_json:
+        print_json({"event": "host", "host": host, "state": "maintenance", "left": []})
+    else:
+        out.print(f"{host}: maintenance (empty)")

@@ -270,9 +270,11 @@ class Monitor(ABC):
         """Remove a block node added by :meth:`nbd_client_add`."""
 
     @abstractmethod
-    async def mirror(self, job: str, device: str, target: str) -> None:
+    async def mirror(self, job: str, device: str, target: str, *,
+                     speed: int | None = None) -> None:
         """Start mirroring node ``device`` into node ``target`` (whole disk, holes as
-        zeroes), as job ``job``; the job stays after it ends until dismissed."""
+        zeroes), as job ``job``; the job stays after it ends until dismissed.
+        ``speed``: at most this many bytes/s (None: as fast as it goes)."""
 
     @abstractmethod
     async def block_jobs(self, *, timeout: float | None = None) -> list[BlockJob]:

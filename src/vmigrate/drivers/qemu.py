@@ -257,9 +257,13 @@ class QemuMonitor(Monitor):
     async def node_del(self, node: str) -> None:
         await self._run("blockdev-del", {"node-name": node})
 
-    async def mirror(self, job: str, device: str, target: str) -> None:
-        await self._run("blockdev-mirror", {"job-id": job, "device": device, "target": target,
-                                            "sync": "full", "auto-dismiss": False})
+    async def mirror(self, job: str, device: str, target: str, *,
+                     speed: int | None = None) -> None:
+        args: dict[str, object] = {"job-id": job, "device": device, "target": target,
+                                   "sync": "full", "auto-dismiss": False}
+        if speed is not None:
+            args["speed"] = max(1, int(speed))
+        await self._run("blockdev-mirror", args)
 
     async def block_jobs(self, *, timeout: float | None = None) -> list[BlockJob]:
         reply = await self._run("query-block-jobs", timeout=timeout)

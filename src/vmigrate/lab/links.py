@@ -21,12 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from vmigrate.config import CONFIG_NAME, LinkConfig, dump_inventory, load_inventory
 from vmigrate.errors import SpecError
 from vmigrate.lab import _sys
 from vmigrate.lab._netdev import NetDevFile
 from vmigrate.lab._plan import Direction, parse_rate
-from vmigrate.lab._state import STATE_NAME, write_state
-from vmigrate.lab.net import find_host, find_lab, lab_dir, require_root, shape_link
+from vmigrate.lab._state import STATE_NAME, atomic_write, write_state
+from vmigrate.lab.net import LAB_LINK_BUDGET, find_host, find_lab, lab_dir, require_root, shape_link
 
 __all__ = [
     "LinkDirection",
@@ -67,6 +68,26 @@ def set_link_rate(home: Path, host: str, rate: str, name: str | None = None,
     if direction in ("both", "down"):
         state.downlinks[hp.host] = rate
     write_state(lab_dir(home, state.name) / STATE_NAME, state)
+    _update_inventory_links(home, state.name, hp.host, rate, direction)
+
+
+def _update_inventory_links(home: Path, lab: str, host: str, rate: str,
+                            direction: LinkDirection) -> None:
+    """Keep the lab inventory's ``[links."<host>-up"]`` / ``-down`` capacity equal to
+    what the link is shaped at (the wave planner reads it); budgets are kept."""
+    path = home / CONFIG_NAME
+    if not path.exists():
+        return
+    inv = load_inventory(path)
+    if inv.lab is None or inv.lab.name != lab:
+        return
+    links = dict(inv.links)
+    names = [f"{host}-{d}" for d in ("up", "down") if direction in ("both", d)]
+    for link in names:
+        old = links.get(link)
+        links[link] = LinkConfig(capacity=f"{parse_rate(rate)}bit",
+                                 budget=old.budget if old is not None else LAB_LINK_BUDGET)
+    atomic_write(path, dump_inventory(inv.model_copy(update={"links": links})))
 
 
 def lab_link_rates(home: Path, name: str | None = None) -> dict[str, tuple[float, float]]:

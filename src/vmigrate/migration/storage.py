@@ -317,8 +317,12 @@ class Mirror(_Moving):
         for d in st.disks:
             await mon.nbd_client_add(_nbd_node(d), address, d.node, tls_id=tls)
         t0 = time.monotonic()
+        # the operator's (or the wave's) bandwidth caps the disks' copy as it caps memory's,
+        # shared out between the disks
+        speed = (max(1, int(job.opts.bandwidth) // max(1, len(st.disks)))
+                 if job.opts.bandwidth else None)
         for d in st.disks:
-            await mon.mirror(_job_id(d), d.node, _nbd_node(d))
+            await mon.mirror(_job_id(d), d.node, _nbd_node(d), speed=speed)
             self._started[d.index] = time.monotonic()
         job.decision("mirror", jobs=[_job_id(d) for d in st.disks])
         job.say("copying disks")

@@ -48,7 +48,8 @@ from vmigrate.plan.fleet import (
     plan_rebalance,
     schedule,
 )
-from vmigrate.plan.fleet.model import HostState
+from vmigrate.plan.fleet.model import HostState, Mode
+from vmigrate.qemu.spec import VMSpec
 from vmigrate.service.capacity import HostUsage, fleet_usage
 from vmigrate.service.planning import planning_config
 from vmigrate.store import Store
@@ -88,6 +89,19 @@ class WavePlan:
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "host": self.host, "notes": list(self.view.notes),
                 "placement": self.placement.to_json(), "schedule": self.schedule.to_json()}
+
+
+def _mode(inv: Inventory, host: str, spec: VMSpec, a: Assessment | None) -> Mode:
+    """``live`` where the VM's disks need not move (none, or all under a pool that every
+    host has at the same path: shared storage, as its newest assessment says when there
+    is one), else ``online`` (the disks are mirrored to the destination)."""
+    if a is not None:
+        return "live" if a.shared_storage else "online"
+    shared = [path for name, path in inv.host(host).pools.items()
+              if all(h.pools.get(name) == path for h in inv.hosts.values())]
+    if all(any(Path(d.path).is_relative_to(p) for p in shared) for d in spec.disks):
+        return "live"
+    return "online"
 
 
 def _newest_assessment(store: Store, vm: str, now: float) -> Assessment | None:
@@ -164,17 +178,19 @@ async def current_fleet(inv: Inventory, store: Store, *, measure: bool = True) -
                     f"VM {vu.name} is in {len(groups.apart)} 'apart' groups "
                     f"({', '.join(groups.apart)}): the wave planner takes one per VM")
             a = _newest_assessment(store, vu.name, now)
+            spec = VMSpec.model_validate_json(store.get_vm(vu.name).spec_json)
             if a is None:
                 notes.append(f"{vu.name}: no assessment: taken as idle (run 'vmigrate "
                              "assess' for its dirty rate)")
             tier = tier_for(vu.name, config)
             vms.append(Vm(
-                name=vu.name, host=name, memory=vu.memory,
+                name=vu.name, host=name, memory=vu.memory, mode=_mode(inv, name, spec, a),
                 cpus=vu.cpu if vu.cpu is not None else float(vu.vcpus),
                 dirty_rate=a.dirty_rate if a is not None else 0.0,
                 wss=float(a.dirty_set_bytes) if a is not None and a.dirty_set_bytes
                 else float(vu.memory),
-                disk_bytes=sum(d.allocated_bytes for d in a.disks) if a is not None else 0,
+                disk_bytes=sum(d.allocated_bytes for d in a.disks) if a is not None
+                else 0,
                 group=groups.together, affinity=groups.together,
                 anti_affinity=groups.apart[0] if groups.apart else None,
                 tier=tier.name if tier is not None else None,

@@ -640,7 +640,8 @@ class FakeMonitor(Monitor):
                                   f"job: mirror")
             del vm.nodes[node]
 
-    async def mirror(self, job: str, device: str, target: str) -> None:
+    async def mirror(self, job: str, device: str, target: str, *,
+                     speed: int | None = None) -> None:
         """``blockdev-mirror`` (sync full) of an active disk into an NBD client node of
         the same size."""
         await asyncio.sleep(0)
