@@ -31,7 +31,7 @@ e2e: setup-dev
 	$(PY) -m pytest -q tests/e2e
 
 test: lint
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build src/*.egg-info

@@ -173,8 +173,8 @@ def test_host_maintenance_evacuates_within_budgets_and_resumes(
     'host maintenance h1' moves the six to h2 and h3 (spread, verified), keeps every
     link within its budget (counters at 4 Hz, 1 s averages within budget + 5 %), names
     the big one, exits 10 and leaves h1 draining. Without it, h1 goes to maintenance.
-    Then a wave back to h1 is SIGKILLed after its first migration started, and 'wave
-    resume' finishes it: every VM moved exactly once."""
+    Then a wave of three back to h1 is SIGKILLed after its first migration started, and
+    'wave resume' finishes it: each of them moved exactly once."""
     home, name = fleet_lab
     for h in ("h2", "h3"):  # another test may have reshaped them
         links.set_link_rate(home, h, "100mbit", name, "down")
@@ -226,7 +226,8 @@ def test_host_maintenance_evacuates_within_budgets_and_resumes(
         # back to h1, killed mid-wave, resumed
         assert cli(home, "host", "activate", "h1").returncode == 0
         plan = home / "back.toml"
-        plan.write_text("".join(f'[[move]]\nvm = "{vm}"\nto = "h1"\n\n' for vm in six))
+        back = six[:3]  # three are enough to kill a wave in the middle
+        plan.write_text("".join(f'[[move]]\nvm = "{vm}"\nto = "h1"\n\n' for vm in back))
         env = dict(os.environ, VMIGRATE_HOME=str(home))
         env.pop("VMIGRATE_CONFIG", None)
         proc = subprocess.Popen([sys.executable, "-m", "vmigrate.cli.main", "wave", "run",
@@ -246,10 +247,11 @@ def test_host_maintenance_evacuates_within_budgets_and_resumes(
         assert wave is not None
         res = cli_long(home, "wave", "resume", str(wave), "--json")
         assert res.returncode == 0, res.stderr[-2000:]
-        assert set(_hosts_of(home).values()) == {"h1"}
+        where = _hosts_of(home)
+        assert {vm: where[vm] for vm in back} == dict.fromkeys(back, "h1"), where
         jobs = json.loads(cli(home, "job", "list", "--json").stdout)
-        back = [j for j in jobs if j["dest"] == "h1" and j["status"] == "completed"]
-        assert sorted(j["vm"] for j in back) == sorted(six), back
+        done = [j["vm"] for j in jobs if j["dest"] == "h1" and j["status"] == "completed"]
+        assert sorted(done) == sorted(back), jobs  # each moved exactly once
     finally:
         for vm in made:
             cli(home, "vm", "destroy", vm)

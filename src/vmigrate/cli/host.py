@@ -13,6 +13,7 @@ from vmigrate.audit import AuditLog
 from vmigrate.cli._common import CTX, err, out, print_json, run
 from vmigrate.cli.wave import (
     EXIT_INCOMPLETE,
+    json_line,
     render_plan,
     run_stored_wave,
     show_report,
@@ -338,9 +339,9 @@ def maintenance(
         err.print(f"{host} stays draining: {len(left)} VM(s) still on it: "
                   f"{', '.join(left)}", highlight=False)
         if as_json:
-            print_json({"event": "host", "host": host, "state": "draining", "left": left})
+            json_line({"event": "host", "host": host, "state": "draining", "left": left})
         raise typer.Exit(EXIT_INCOMPLETE)
     if as_json:
-        print_json({"event": "host", "host": host, "state": "maintenance", "left": []})
+        json_line({"event": "host", "host": host, "state": "maintenance", "left": []})
     else:
         out.print(f"{host}: maintenance (empty)")

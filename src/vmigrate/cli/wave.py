@@ -135,6 +135,13 @@ def plan_cmd(
 # -- running ------------------------------------------------------------------------------
 
 
+def json_line(data: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout (``--json`` of a running wave: events,
+    then the report)."""
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
 class _Display:
     """Events as lines for people (stderr), or as JSON lines for scripts (stdout)."""
 
@@ -146,8 +153,7 @@ class _Display:
     def __call__(self, ev: dict[str, Any]) -> None:
         if self.as_json:
             if ev.get("event") != "wave" or "report" not in ev:
-                sys.stdout.write(json.dumps(ev, default=str) + "\n")
-                sys.stdout.flush()
+                json_line(ev)
             return
         at = f"{time.monotonic() - self.t0:6.0f} s"
         kind = ev.get("event")
@@ -231,8 +237,8 @@ def show_report(report: dict[str, Any], unplaceable: list[tuple[str, str]],
                 as_json: bool) -> bool:
     """Print the report; whether every VM moved."""
     if as_json:
-        print_json({"event": "report", **report,
-                    "unplaceable": [{"vm": vm, "reason": r} for vm, r in unplaceable]})
+        json_line({"event": "report", **report,
+                   "unplaceable": [{"vm": vm, "reason": r} for vm, r in unplaceable]})
     else:
         render_report(report)
         for vm, reason in unplaceable:
