@@ -21,18 +21,12 @@ from vmigrate.plan.fleet import (
     plan_evacuation,
     schedule,
 )
-from vmigrate.testing.fakefleet import LinearEstimator
+from vmigrate.testing.fakefleet import LinearEstimator, hosts, links
 
 GiB = 1 << 30
 EST = LinearEstimator()
 
 
-def links(*hosts: str, capacity: float = 125e6, budget: float = 0.8) -> list[Link]:
-    return [Link(f"{h}-{d}", capacity, budget) for h in hosts for d in ("up", "down")]
-
-
-def hosts(n: int, memory: int = 64, **kw: object) -> list[Host]:
-    return [Host(f"h{i}", memory * GiB, 16, **kw) for i in range(1, n + 1)]  # type: ignore[arg-type]
 
 
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:

@@ -123,7 +123,25 @@ def window_averages(series: Sequence[tuple[float, int]], window_s: float = 1.0) 
 # -- the sampler -----------------------------------------------------------------------------
 
 
-class LinkSampler:
+class _StopsOnExit:
+    """``with``: stopped on the way out; a failure to stop while an error is on its way
+    out becomes a note on that error rather than hiding it."""
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.stop()
+            return
+        try:
+            self.stop()
+        except LabError as failure:
+            exc.add_note(f"and: {failure}")
+
+
+class LinkSampler(_StopsOnExit):
     """Samples the migration-link counters of ``hosts`` (default: every host of the
     lab) every ``interval`` seconds while it runs, in a thread of its own::
 
@@ -209,16 +227,6 @@ class LinkSampler:
 
     def __enter__(self) -> LinkSampler:
         return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc is None:
-            self.stop()
-            return
-        try:
-            self.stop()
-        except LabError as failure:
-            exc.add_note(f"and: {failure}")
 
     def _run(self) -> None:
         due = time.monotonic()
@@ -341,7 +349,7 @@ class TrafficResult:
         return self.received_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-class TenantTraffic:
+class TenantTraffic(_StopsOnExit):
     """A TCP stream from lab host ``src`` to lab host ``dst`` over the migration
     network, at ``rate`` bytes/s (None: as fast as it goes), while the ``with`` block
     runs (or between :meth:`start` and :meth:`stop`; ``seconds`` ends it early)::
@@ -452,16 +460,6 @@ class TenantTraffic:
 
     def __enter__(self) -> TenantTraffic:
         return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc is None:
-            self.stop()
-            return
-        try:
-            self.stop()
-        except LabError as failure:
-            exc.add_note(f"and: {failure}")
 
 
 def _int(data: Mapping[str, Any], key: str) -> int:

@@ -16,9 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmigrate.plan.fleet.estimate import Estimate
-from vmigrate.plan.fleet.model import Vm
+from vmigrate.plan.fleet.model import Host, Link, Vm
 
-__all__ = ["LinearEstimator"]
+__all__ = ["LinearEstimator", "hosts", "links"]
+
+GiB = 1 << 30
+
+
+def links(*hosts: str, capacity: float = 125e6, budget: float = 0.8) -> list[Link]:
+    """An uplink and a downlink (``NAME-up``, ``NAME-down``) for each of ``hosts``."""
+    return [Link(f"{h}-{d}", capacity, budget) for h in hosts for d in ("up", "down")]
+
+
+def hosts(n: int, memory: int = 64, **kw: object) -> list[Host]:
+    """Hosts ``h1`` .. ``hN`` of ``memory`` GiB and 16 CPUs (``kw``: other fields)."""
+    return [Host(f"h{i}", memory * GiB, 16, **kw) for i in range(1, n + 1)]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
